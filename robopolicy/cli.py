@@ -1,0 +1,245 @@
+"""The ``robopolicy`` command: one subcommand per pipeline stage.
+
+Bad input (paths, names, option values) ends in a one- or two-line ``error:`` message
+and exit code 2; ``ROBOPOLICY_DEBUG=1`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from robopolicy.errors import RobopolicyError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v for v in (s.strip() for s in value.split(",")) if v)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+# ---- collect ---------------------------------------------------------------------------
+def cmd_collect(args: argparse.Namespace) -> int:
+    from robopolicy.data.collect import CollectConfig, collect
+
+    cfg = CollectConfig(
+        env=args.env, episodes=args.episodes, out=Path(args.out), cameras=args.cameras,
+        image_size=args.image_size, seed=args.seed, keep_failures=args.keep_failures,
+        overwrite=args.overwrite, randomize=args.randomize, use_videos=not args.images,
+    )
+    r = collect(cfg)
+    status = "interrupted: " if r.interrupted else ""
+    print(
+        f"{status}kept {r.kept} episodes ({r.frames} frames) of {r.attempts} expert attempts "
+        f"(expert success {r.success_rate:.0%}) in {r.seconds:.1f} s; "
+        f"{cfg.out} now holds {r.total_episodes} episodes"
+    )
+    return 130 if r.interrupted else 0
+
+
+def add_collect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="record scripted-expert demonstrations as a LeRobotDataset")
+    p.add_argument("--env", required=True, help="task name (see `robopolicy envs`)")
+    p.add_argument("--episodes", type=_positive_int, default=50, help="episodes to keep")
+    p.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
+    p.add_argument("--cameras", type=_csv, default=(), help="comma-separated camera names (default: state only)")
+    p.add_argument("--image-size", type=_positive_int, default=84, help="square camera image size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-failures", action="store_true", help="also keep episodes the expert failed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--randomize", action="store_true", help="collect under domain randomization")
+    p.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
+    p.set_defaults(func=cmd_collect)
+
+
+# ---- dataset ---------------------------------------------------------------------------
+def cmd_dataset_info(args: argparse.Namespace) -> int:
+    from robopolicy.data.summary import dataset_info
+
+    print(dataset_info(Path(args.path)))
+    return 0
+
+
+def cmd_dataset_plot(args: argparse.Namespace) -> int:
+    from robopolicy.data.summary import plot_episode
+
+    for path in plot_episode(Path(args.path), args.episode, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dataset", help="inspect a LeRobotDataset")
+    dsub = p.add_subparsers(dest="dataset_cmd", required=True, metavar="{info,plot}")
+    info = dsub.add_parser("info", help="episodes, frames, fps, features, tasks, ranges")
+    info.add_argument("path")
+    info.set_defaults(func=cmd_dataset_info)
+    plot = dsub.add_parser("plot", help="state and action over time (and a video of the frames)")
+    plot.add_argument("path")
+    plot.add_argument("--episode", type=int, default=0)
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.set_defaults(func=cmd_dataset_plot)
+
+
+# ---- train -----------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from robopolicy.train.trainer import TrainConfig, parse_overrides, train
+
+    cfg = TrainConfig(
+        policy=args.policy, dataset=Path(args.dataset), out=Path(args.out), steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
+        eval_every=args.eval_every, eval_episodes=args.eval_episodes, eval_env=args.eval_env,
+        device=args.device, resume=args.resume, ema_decay=args.ema_decay,
+        policy_overrides=parse_overrides(args.set or []),
+    )
+    s = train(cfg)
+    print(f"trained {cfg.policy} for {s['steps']} steps in {s['seconds']:.0f} s "
+          f"({s['samples_per_s']:.0f} samples/s, final loss {s['final_loss']:.4f}); run folder {s['run_dir']}")
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="behaviour cloning of a policy on a LeRobotDataset")
+    p.add_argument("--policy", required=True, help="policy family: diffusion, flow, vla")
+    p.add_argument("--dataset", required=True, help="LeRobotDataset folder")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, curves, tensorboard)")
+    p.add_argument("--steps", type=_positive_int, default=4000)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=_positive_int, default=1000)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate in sim every N steps (0: off)")
+    p.add_argument("--eval-episodes", type=_positive_int, default=10)
+    p.add_argument("--eval-env", default=None, help="env for --eval-every (default: the dataset's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="policy config override, e.g. --set num_inference_steps=8 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+
+# ---- eval ------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from robopolicy.train.evaluate import EvalConfig, evaluate
+
+    if bool(args.checkpoint) == bool(args.model):
+        raise RobopolicyError("give exactly one of --checkpoint (a training run) or --model (an export)")
+    predictor, source = _load_predictor(args)
+    env = args.env or _default_env(predictor)
+    cfg = EvalConfig(env=env, episodes=args.episodes, seed=args.seed, randomize=args.randomize,
+                     ensemble=args.ensemble, video=Path(args.video) if args.video else None,
+                     instruction=args.instruction)
+    out_json = Path(args.json) if args.json else Path(source) / f"eval_{env}.json"
+    result = evaluate(predictor, cfg, out_json)
+    print(result.table())
+    print(f"results written to {out_json}")
+    return 0
+
+
+def _load_predictor(args: argparse.Namespace):
+    if args.checkpoint:
+        from robopolicy.train.checkpoint import load_policy
+        from robopolicy.train.evaluate import TorchChunkPredictor
+
+        policy = load_policy(Path(args.checkpoint))
+        return TorchChunkPredictor(policy, seed=args.seed), args.checkpoint
+    from robopolicy.export import load_policy as load_exported
+
+    return load_exported(Path(args.model), backend=args.backend), args.model
+
+
+def _default_env(predictor) -> str:
+    env = getattr(predictor, "source_env", None)
+    if not env:
+        raise RobopolicyError("--env is required: the policy does not record which env its data came from")
+    return env
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="closed-loop evaluation of a policy in sim")
+    p.add_argument("--checkpoint", help="training run folder (or one checkpoint folder)")
+    p.add_argument("--model", help="exported policy folder (policy.onnx + manifest.json)")
+    p.add_argument("--backend", default="onnxruntime", help="for --model: onnxruntime, tensorrt, torch")
+    p.add_argument("--env", help="task name (default: the env the training data came from)")
+    p.add_argument("--episodes", type=_positive_int, default=50)
+    p.add_argument("--seed", type=int, default=100_000, help="first episode seed (eval seeds differ from collect's)")
+    p.add_argument("--randomize", action="store_true", help="apply the env's domain randomization")
+    p.add_argument("--ensemble", action="store_true", help="temporal ensembling instead of chunk-by-chunk")
+    p.add_argument("--instruction", help="force one instruction (language-conditioned envs)")
+    p.add_argument("--video", help="write an MP4 of the first rollouts")
+    p.add_argument("--json", help="results JSON (default: <checkpoint or model>/eval_<env>.json)")
+    p.set_defaults(func=cmd_eval)
+
+
+# ---- envs ------------------------------------------------------------------------------
+def cmd_envs(args: argparse.Namespace) -> int:
+    from robopolicy.sim.registry import env_entry, env_names
+
+    for name in env_names():
+        e = env_entry(name)
+        cams = ", ".join(e.cameras) or "-"
+        print(f"{name:<10} {e.description}  [cameras: {cams}]")
+    return 0
+
+
+def add_envs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("envs", help="list the simulated tasks")
+    p.set_defaults(func=cmd_envs)
+
+
+# ---- demo ------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from robopolicy.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(quick=args.quick, fresh=args.fresh, out=Path(args.out)))
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the default task")
+    p.add_argument("--quick", action="store_true", help="a small run that still goes through every stage")
+    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--out", default="outputs/demo", help="folder for the demo's data, runs and report")
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from robopolicy import __version__
+
+    parser = argparse.ArgumentParser(prog="robopolicy", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"robopolicy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_envs, add_collect, add_dataset, add_train, add_eval, add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RobopolicyError as e:
+        if os.environ.get("ROBOPOLICY_DEBUG"):
+            raise
+        print(f"robopolicy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robopolicy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Demonstrations as LeRobotDatasets: recording, reading, inspecting."""

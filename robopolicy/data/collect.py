@@ -1,0 +1,118 @@
+"""``robopolicy collect``: run a scripted expert and record a LeRobotDataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from robopolicy.data.recorder import DatasetRecorder, lerobot_features
+from robopolicy.errors import RobopolicyError
+from robopolicy.sim import Randomization, make_env, make_expert
+
+
+@dataclass
+class CollectConfig:
+    env: str
+    episodes: int
+    out: Path
+    cameras: tuple[str, ...] = ()
+    image_size: int = 84
+    seed: int = 0
+    keep_failures: bool = False
+    overwrite: bool = False
+    randomize: bool = False
+    use_videos: bool = True
+    max_attempts_factor: int = 3
+
+
+@dataclass
+class CollectResult:
+    kept: int
+    attempts: int
+    successes: int
+    frames: int
+    seconds: float
+    total_episodes: int
+    interrupted: bool = False
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / max(self.attempts, 1)
+
+
+def _validate(cfg: CollectConfig) -> None:
+    if cfg.episodes < 1:
+        raise RobopolicyError(f"--episodes must be >= 1, got {cfg.episodes}")
+    if not 16 <= cfg.image_size <= 512:
+        raise RobopolicyError(f"--image-size must be in [16, 512], got {cfg.image_size}")
+
+
+def rollout_expert(env, expert, seed: int) -> tuple[list[dict], list[str], bool]:
+    """One expert episode: (frames of obs + action, task per frame, success)."""
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    expert.reset(env, rng)
+    frames, tasks, success = [], [], False
+    while True:
+        action = np.asarray(expert.act(env, obs), dtype=np.float32)
+        frames.append({**{k: np.asarray(v) for k, v in obs.items()}, "action": action})
+        tasks.append(info["task"])
+        obs, _, terminated, truncated, info = env.step(action)
+        success = success or bool(info["is_success"])
+        if terminated or truncated:
+            return frames, tasks, success
+
+
+def collect(cfg: CollectConfig) -> CollectResult:
+    """Collect ``cfg.episodes`` kept episodes (successful ones unless ``keep_failures``)."""
+    _validate(cfg)
+    env = make_env(
+        cfg.env, cameras=tuple(cfg.cameras), image_size=cfg.image_size,
+        randomization=Randomization.default_dr() if cfg.randomize else None,
+    )
+    expert = make_expert(cfg.env)
+    features = lerobot_features(env.observation_space, env.action_space.shape[0], env.feature_names, cfg.use_videos)
+    meta = {
+        "env": cfg.env,
+        "cameras": list(cfg.cameras),
+        "image_size": cfg.image_size,
+        "randomization": dataclasses.asdict(env.randomization),
+        "fps": env.fps,
+        "max_episode_steps": env.max_episode_steps,
+        "source": "scripted expert",
+    }
+    recorder = DatasetRecorder(cfg.out, features, int(round(env.fps)), robot_type=cfg.env,
+                               extra_meta=meta, overwrite=cfg.overwrite)
+    result = CollectResult(0, 0, 0, 0, 0.0, recorder.existing_episodes)
+    base_seed = cfg.seed * 1_000_003 + recorder.existing_episodes * 7919
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
+    try:
+        while result.kept < cfg.episodes:
+            if result.attempts >= cfg.episodes * cfg.max_attempts_factor:
+                raise RobopolicyError(
+                    f"expert for {cfg.env!r} kept only {result.kept}/{cfg.episodes} episodes in "
+                    f"{result.attempts} attempts (success {result.success_rate:.0%}); dataset keeps them"
+                )
+            frames, tasks, success = rollout_expert(env, expert, base_seed + result.attempts)
+            result.attempts += 1
+            result.successes += int(success)
+            if success or cfg.keep_failures:
+                recorder.commit_episode(frames, tasks)
+                result.kept += 1
+                result.frames += len(frames)
+                result.total_episodes += 1
+                bar.update(1)
+            bar.set_postfix(success=f"{result.successes}/{result.attempts}", frames=result.frames)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        bar.close()
+        result.seconds = time.perf_counter() - start
+        env.close()
+    return result

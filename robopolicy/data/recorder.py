@@ -1,0 +1,127 @@
+"""Writing demonstrations as LeRobotDatasets (v3.0 layout) with lerobot's own API.
+
+Every episode is committed atomically: the dataset is staged in a hidden sibling
+directory (a copy of the current dataset plus the new episode, finalized by lerobot) and
+swapped in with one ``renameat2(RENAME_EXCHANGE)``. A collect run that is interrupted or
+killed therefore leaves a dataset that lerobot loads, holding every finished episode.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from robopolicy.data.atomic import recover_swap, remove_quietly, replace_dir, write_json_atomic
+from robopolicy.errors import DatasetError
+from robopolicy.spec import IMAGE_PREFIX
+
+ROBOPOLICY_META = "meta/robopolicy.json"
+#: pyav decodes without system FFmpeg libraries (torchcodec needs them).
+VIDEO_BACKEND = "pyav"
+
+
+def repo_id_for(root: Path) -> str:
+    """The repo id we give local datasets (lerobot only uses it as a label with ``root``)."""
+    return f"local/{Path(root).name}"
+
+
+def lerobot_features(
+    observation_space: Mapping[str, Any],
+    action_dim: int,
+    feature_names: Mapping[str, list[str]],
+    use_videos: bool,
+) -> dict[str, dict]:
+    """The lerobot ``features`` dict for an env's observation/action spaces."""
+    feats: dict[str, dict] = {}
+    for key, space in observation_space.items():
+        if key.startswith(IMAGE_PREFIX):
+            feats[key] = {
+                "dtype": "video" if use_videos else "image",
+                "shape": tuple(space.shape),
+                "names": ["height", "width", "channels"],
+            }
+        else:
+            feats[key] = {"dtype": "float32", "shape": tuple(space.shape), "names": feature_names.get(key)}
+    feats["action"] = {"dtype": "float32", "shape": (action_dim,), "names": feature_names.get("action")}
+    return feats
+
+
+def _comparable(features: Mapping[str, dict]) -> dict[str, tuple]:
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in features.items() if k in _user_keys(features)}
+
+
+def _user_keys(features: Mapping[str, dict]) -> list[str]:
+    return [k for k in features if k == "action" or k.startswith("observation.")]
+
+
+class DatasetRecorder:
+    """Appends whole episodes to a LeRobotDataset at ``root``, one atomic commit each."""
+
+    def __init__(
+        self,
+        root: Path,
+        features: dict[str, dict],
+        fps: int,
+        robot_type: str,
+        extra_meta: dict[str, Any],
+        overwrite: bool = False,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.features = features
+        self.fps = int(fps)
+        self.robot_type = robot_type
+        self.extra_meta = extra_meta
+        self.stage = self.root.with_name(f".{self.root.name}.staging")
+        recover_swap(self.root)
+        remove_quietly(self.stage)
+        if self.root.exists() and overwrite:
+            shutil.rmtree(self.root)
+        self.existing_episodes = self._check_existing()
+
+    def _check_existing(self) -> int:
+        if not self.root.exists():
+            return 0
+        info_path = self.root / "meta" / "info.json"
+        if not info_path.exists():
+            if any(self.root.iterdir()):
+                raise DatasetError(
+                    f"{self.root} exists and is not a LeRobotDataset (no meta/info.json); "
+                    "choose another --out or pass --overwrite to replace it"
+                )
+            self.root.rmdir()
+            return 0
+        info = json.loads(info_path.read_text())
+        have, want = _comparable(info["features"]), _comparable(self.features)
+        if have != want or int(info["fps"]) != self.fps:
+            raise DatasetError(
+                f"{self.root} already holds a dataset with other features or fps "
+                f"(it has fps={info['fps']}, {have}; this run writes fps={self.fps}, {want}); "
+                "choose another --out or pass --overwrite to replace it"
+            )
+        return int(info["total_episodes"])
+
+    def commit_episode(self, frames: list[dict[str, np.ndarray]], tasks: list[str]) -> None:
+        """Write one finished episode; on return it is durable and loadable."""
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+        remove_quietly(self.stage)
+        if self.root.exists():
+            shutil.copytree(self.root, self.stage)
+            ds = LeRobotDataset.resume(repo_id_for(self.root), root=self.stage, video_backend=VIDEO_BACKEND)
+        else:
+            ds = LeRobotDataset.create(
+                repo_id_for(self.root), fps=self.fps, features=self.features, root=self.stage,
+                robot_type=self.robot_type, use_videos=any(v["dtype"] == "video" for v in self.features.values()),
+                video_backend=VIDEO_BACKEND,
+            )
+        for frame, task in zip(frames, tasks, strict=True):
+            ds.add_frame({**frame, "task": task})
+        ds.save_episode(parallel_encoding=False)
+        ds.finalize()
+        shutil.rmtree(self.stage / "images", ignore_errors=True)
+        write_json_atomic(self.stage / ROBOPOLICY_META, self.extra_meta)
+        replace_dir(self.stage, self.root)

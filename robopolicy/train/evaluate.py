@@ -1,0 +1,266 @@
+"""Closed-loop evaluation in sim with receding-horizon chunk execution.
+
+Works with anything that predicts chunks: a torch policy (wrapped by
+:class:`TorchChunkPredictor`) or an exported one (``robopolicy.export.load_policy``).
+Reports success rate with a Wilson 95 % interval, episode length, inference latency
+p50/p99, per-instruction success and instruction following for multi-task envs;
+optional temporal ensembling, MP4 of rollouts, JSON results.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from robopolicy.data.atomic import write_json_atomic
+from robopolicy.errors import RobopolicyError
+from robopolicy.sim import Randomization, make_env
+from robopolicy.spec import FeatureSpec
+
+
+class ChunkPredictor(Protocol):
+    """What the evaluator (and the ROS node) needs from a policy."""
+
+    spec: FeatureSpec
+
+    def predict_chunk(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Raw observations ``[1, To, ...]`` (+ ``"task"``) -> raw actions ``[1, Ta, Da]``."""
+        ...
+
+
+class TorchChunkPredictor:
+    """Runs a torch :class:`~robopolicy.policies.base.Policy` on numpy observations."""
+
+    def __init__(self, policy: torch.nn.Module, seed: int = 0) -> None:
+        self.policy = policy.eval()
+        self.spec = policy.spec
+        self.device = next(policy.parameters()).device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.source_env = getattr(policy, "checkpoint_meta", {}).get("env")
+
+    @torch.inference_mode()
+    def predict_chunk(self, obs: dict[str, Any]) -> np.ndarray:
+        batch = {k: torch.as_tensor(v, device=self.device) if k != "task" else v for k, v in obs.items()}
+        noise = torch.randn(self.policy.noise_shape(1), generator=self.generator).to(self.device)
+        return self.policy.predict_chunk(batch, noise).cpu().numpy()
+
+
+@dataclass
+class EvalConfig:
+    env: str
+    episodes: int = 50
+    seed: int = 100_000
+    randomize: bool = False
+    ensemble: bool = False
+    ensemble_decay: float = 0.1
+    video: Path | None = None
+    video_episodes: int = 3
+    instruction: str | None = None
+    progress: bool = True
+    max_episode_steps: int | None = None
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    length: int
+    task: str
+    achieved_task: str | None = None
+
+
+@dataclass
+class EvalResult:
+    env: str
+    episodes: int
+    success_rate: float
+    ci95: tuple[float, float]
+    mean_length: float
+    latency_ms_p50: float
+    latency_ms_p99: float
+    per_task: dict[str, dict[str, float]]
+    instruction_following: float | None
+    seconds: float
+    episode_results: list[EpisodeResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        lo, hi = self.ci95
+        lines = [
+            f"env {self.env}: success {self.success_rate:.0%} ({sum(e.success for e in self.episode_results)}"
+            f"/{self.episodes}), 95% CI [{lo:.0%}, {hi:.0%}]",
+            f"mean episode length {self.mean_length:.1f} steps; chunk inference p50 {self.latency_ms_p50:.1f} ms,"
+            f" p99 {self.latency_ms_p99:.1f} ms; {self.seconds:.0f} s",
+        ]
+        if len(self.per_task) > 1:
+            lines.append(f"{'instruction':<44} {'episodes':>8} {'success':>8}")
+            for task, r in self.per_task.items():
+                lines.append(f"{task:<44} {int(r['episodes']):>8} {r['success_rate']:>8.0%}")
+        if self.instruction_following is not None:
+            lines.append(f"instruction following: {self.instruction_following:.0%} of episodes did the instructed task")
+        return "\n".join(lines)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+class ChunkExecutor:
+    """Receding-horizon execution: keeps the To-step observation history and the action plan.
+
+    Without ensembling a chunk of Ta actions is predicted when the plan runs out. With
+    temporal ensembling a chunk is predicted every step and the actions that overlap the
+    current step are averaged with weights ``exp(-decay * age)`` (ACT).
+    """
+
+    def __init__(self, predictor: ChunkPredictor, ensemble: bool = False, decay: float = 0.1) -> None:
+        self.predictor = predictor
+        self.n_obs = predictor.spec.n_obs_steps
+        self.keys = predictor.spec.observation_keys
+        self.ensemble, self.decay = ensemble, decay
+        self.latencies: list[float] = []
+
+    def reset(self) -> None:
+        self.history: collections.deque[dict[str, np.ndarray]] = collections.deque(maxlen=self.n_obs)
+        self.plan: collections.deque[np.ndarray] = collections.deque()
+        self.ensemble_buf: list[tuple[int, np.ndarray]] = []
+        self.t = 0
+
+    def _stacked(self, task: str) -> dict[str, Any]:
+        out: dict[str, Any] = {k: np.stack([h[k] for h in self.history])[None] for k in self.keys}
+        out["task"] = [task]
+        return out
+
+    def act(self, obs: dict[str, np.ndarray], task: str) -> np.ndarray:
+        missing = [k for k in self.keys if k not in obs]
+        if missing:
+            raise RobopolicyError(f"policy needs observation features {missing} that the env does not provide")
+        self.history.append(obs)
+        while len(self.history) < self.n_obs:
+            self.history.appendleft(self.history[0])
+        if self.ensemble or not self.plan:
+            start = time.perf_counter()
+            chunk = np.asarray(self.predictor.predict_chunk(self._stacked(task)))[0]
+            self.latencies.append(time.perf_counter() - start)
+            if self.ensemble:
+                self.ensemble_buf = [(t0, c) for t0, c in self.ensemble_buf if self.t - t0 < len(c)]
+                self.ensemble_buf.append((self.t, chunk))
+            else:
+                self.plan.extend(chunk)
+        self.t += 1
+        if not self.ensemble:
+            return self.plan.popleft()
+        ages = np.array([self.t - 1 - t0 for t0, _ in self.ensemble_buf], dtype=np.float64)
+        w = np.exp(-self.decay * ages)
+        acts = np.stack([c[self.t - 1 - t0] for t0, c in self.ensemble_buf])
+        return (w[:, None] * acts).sum(0) / w.sum()
+
+
+def evaluate(predictor: ChunkPredictor, cfg: EvalConfig, out_json: Path | None = None) -> EvalResult:
+    """Roll out ``cfg.episodes`` seeded episodes and summarize them."""
+    env_kwargs: dict[str, Any] = {}
+    cams = [f.name.split(".")[-1] for f in predictor.spec.image_features]
+    if cams:
+        env_kwargs.update(cameras=tuple(cams), image_size=predictor.spec.image_features[0].shape[0])
+    if cfg.randomize:
+        env_kwargs["randomization"] = Randomization.default_dr()
+    if cfg.max_episode_steps:
+        env_kwargs["max_episode_steps"] = cfg.max_episode_steps
+    env = make_env(cfg.env, **env_kwargs)
+    _check_env_fits(env, predictor.spec, cfg.env)
+    executor = ChunkExecutor(predictor, cfg.ensemble, cfg.ensemble_decay)
+    recorder = _VideoRecorder(env, cfg.video, cfg.video_episodes) if cfg.video else None
+    results: list[EpisodeResult] = []
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.episodes), desc=f"eval {cfg.env}", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
+    for i in bar:
+        seed = cfg.seed + i
+        options = {"task": cfg.instruction} if cfg.instruction else None
+        obs, info = env.reset(seed=seed, options=options)
+        executor.reset()
+        success, length, achieved = False, 0, None
+        while True:
+            if recorder:
+                recorder.capture(i)
+            obs, _, terminated, truncated, info = env.step(executor.act(obs, info["task"]))
+            length += 1
+            success = success or bool(info["is_success"])
+            achieved = info.get("achieved_task", achieved) or achieved
+            if terminated or truncated:
+                break
+        results.append(EpisodeResult(seed, success, length, info["task"], achieved))
+        bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
+    env.close()
+    if recorder:
+        recorder.close()
+    result = summarize(cfg.env, results, executor.latencies, time.perf_counter() - start)
+    if out_json is not None:
+        write_json_atomic(Path(out_json), result.to_dict())
+    return result
+
+
+def evaluate_policy(policy: torch.nn.Module, cfg: EvalConfig, out_json: Path | None = None) -> EvalResult:
+    return evaluate(TorchChunkPredictor(policy, seed=cfg.seed), cfg, out_json)
+
+
+def summarize(env: str, results: list[EpisodeResult], latencies: list[float], seconds: float) -> EvalResult:
+    n = len(results)
+    wins = sum(r.success for r in results)
+    per_task: dict[str, dict[str, float]] = {}
+    for task in sorted({r.task for r in results}):
+        rs = [r for r in results if r.task == task]
+        per_task[task] = {"episodes": len(rs), "success_rate": sum(r.success for r in rs) / len(rs)}
+    tracked = [r for r in results if r.achieved_task is not None]
+    following = (sum(r.achieved_task == r.task for r in tracked) / len(tracked)) if tracked else None
+    lat = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    return EvalResult(
+        env=env, episodes=n, success_rate=wins / max(n, 1), ci95=wilson_interval(wins, n),
+        mean_length=float(np.mean([r.length for r in results])) if results else 0.0,
+        latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p99=float(np.percentile(lat, 99)),
+        per_task=per_task, instruction_following=following, seconds=seconds, episode_results=results,
+    )
+
+
+def _check_env_fits(env, spec: FeatureSpec, env_name: str) -> None:
+    from robopolicy.spec import spec_from_observation_space
+
+    env_spec = spec_from_observation_space(env.observation_space, env.action_space.shape[0], env.fps)
+    spec.check_compatible(env_spec, "the policy", f"env {env_name!r}",
+                          keys=spec.observation_keys + ["action"], check_fps=True)
+
+
+class _VideoRecorder:
+    """Collects frames of the first ``n`` episodes from the env's video camera."""
+
+    def __init__(self, env, path: Path, n: int) -> None:
+        self.env, self.path, self.n = env, Path(path), n
+        self.frames: list[np.ndarray] = []
+
+    def capture(self, episode: int) -> None:
+        if episode < self.n:
+            self.frames.append(self.env.render_frame())
+
+    def close(self) -> None:
+        from robopolicy.media import write_video
+
+        if self.frames:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_video(self.path, np.stack(self.frames), fps=int(round(self.env.fps)))
