@@ -171,7 +171,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_policy(path: Path, expect_type: str | None = None) -> Policy:
     """Load the inference policy of a run or checkpoint folder, in eval mode."""
-    from robopolicy.policies.factory import config_from_dict, make_policy_from_config
+    from robopolicy.policies.factory import config_from_dict, policy_class
 
     ckpt = resolve_checkpoint(path)
     meta = read_policy_meta(ckpt)
@@ -182,7 +182,7 @@ def load_policy(path: Path, expect_type: str | None = None) -> Policy:
         spec = FeatureSpec.from_dict(meta["spec"])
     except RobopolicyError as e:
         raise CheckpointError(f"{ckpt / POLICY_META}: {e}") from e
-    policy = make_policy_from_config(config, spec)
+    policy = policy_class(meta["type"])(config, spec)
     load_weights(policy, load_tensors(ckpt / POLICY_WEIGHTS), f"{ckpt / POLICY_WEIGHTS}")
     policy.checkpoint_meta = meta
     return policy.eval()
