@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         policy=args.policy, dataset=Path(args.dataset), out=Path(args.out), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
         eval_every=args.eval_every, eval_episodes=args.eval_episodes, eval_env=args.eval_env,
-        device=args.device, resume=args.resume, ema_decay=args.ema_decay,
+        device=args.device, resume=args.resume, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
         policy_overrides=parse_overrides(args.set or []),
     )
     s = train(cfg)
@@ -120,6 +120,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=_positive_int, default=1000)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate in sim every N steps (0: off)")

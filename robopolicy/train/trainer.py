@@ -165,6 +165,10 @@ class Trainer:
         }
         if cfg.resume:
             self._resume()
+        elif (self.run_dir / "checkpoints" / "last").exists():
+            raise RobopolicyError(
+                f"{self.run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+            )
 
     # ---- persistence -------------------------------------------------------------------
     def _resume(self) -> None:
@@ -225,7 +229,7 @@ class Trainer:
             if self.ema is not None:
                 ema_update(self.ema, self.policy, cfg.ema_decay, self.step)
             self.step += 1
-            value = float(loss)
+            value = float(loss.detach())
             running = value if running is None else 0.95 * running + 0.05 * value
             if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                 lr = self.scheduler.get_last_lr()[0]
