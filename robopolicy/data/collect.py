@@ -114,5 +114,6 @@ def collect(cfg: CollectConfig) -> CollectResult:
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
+        result.total_episodes = recorder.episodes_on_disk()
         env.close()
     return result

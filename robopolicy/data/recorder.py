@@ -104,16 +104,27 @@ class DatasetRecorder:
             )
         return int(info["total_episodes"])
 
+    def episodes_on_disk(self) -> int:
+        info = self.root / "meta" / "info.json"
+        return int(json.loads(info.read_text())["total_episodes"]) if info.exists() else 0
+
     def commit_episode(self, frames: list[dict[str, np.ndarray]], tasks: list[str]) -> None:
         """Write one finished episode; on return it is durable and loadable."""
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
         remove_quietly(self.stage)
+        try:
+            self._write_staged(frames, tasks)
+            replace_dir(self.stage, self.root)
+        finally:  # interrupted or not, nothing staged outlives the commit
+            remove_quietly(self.stage)
+
+    def _write_staged(self, frames: list[dict[str, np.ndarray]], tasks: list[str]) -> None:
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset as dataset_cls
+
         if self.root.exists():
             shutil.copytree(self.root, self.stage)
-            ds = LeRobotDataset.resume(repo_id_for(self.root), root=self.stage, video_backend=VIDEO_BACKEND)
+            ds = dataset_cls.resume(repo_id_for(self.root), root=self.stage, video_backend=VIDEO_BACKEND)
         else:
-            ds = LeRobotDataset.create(
+            ds = dataset_cls.create(
                 repo_id_for(self.root), fps=self.fps, features=self.features, root=self.stage,
                 robot_type=self.robot_type, use_videos=any(v["dtype"] == "video" for v in self.features.values()),
                 video_backend=VIDEO_BACKEND,
@@ -124,4 +135,3 @@ class DatasetRecorder:
         ds.finalize()
         shutil.rmtree(self.stage / "images", ignore_errors=True)
         write_json_atomic(self.stage / ROBOPOLICY_META, self.extra_meta)
-        replace_dir(self.stage, self.root)
