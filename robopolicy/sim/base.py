@@ -134,6 +134,7 @@ class RobopolicyEnv(gym.Env):
         super().reset(seed=seed)
         self._elapsed = 0
         self._pending.clear()
+        self._last_applied = None
         self._randomize_physics()
         self._reset_task(self.np_random)
         obs = self._noisy(self._observe())
@@ -167,13 +168,23 @@ class RobopolicyEnv(gym.Env):
 
     def render_frame(self, camera: str | None = None, size: int = 256) -> np.ndarray:
         """A ``size`` x ``size`` RGB frame for videos, independent of the observation cameras."""
-        camera = camera or self.video_camera
-        if self._video_renderer is None or self._video_renderer.height != size:
-            self._video_renderer = mujoco.Renderer(self.model, size, size)
-        self._video_renderer.update_scene(self.data, camera=camera)
-        return self._video_renderer.render().copy()
+        from robopolicy.sim.cameras import Cameras
 
-    _video_renderer: mujoco.Renderer | None = None
+        camera = camera or self.video_camera
+        video = self._video_cameras
+        if video is None or video.names != (camera,) or video.size != size:
+            if video is not None:
+                video.close()
+            video = self._video_cameras = Cameras(self.model, self.data, (camera,), size, owner=self.name)
+        return video.render()[camera].copy()
+
+    def close(self) -> None:
+        if self._video_cameras is not None:
+            self._video_cameras.close()
+            self._video_cameras = None
+        super().close()
+
+    _video_cameras = None
 
     # ---- helpers -----------------------------------------------------------------------
     def _noisy(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ class EnvEntry:
 
 
 _REGISTRY: dict[str, EnvEntry] = {}
+_builtins_loaded = False
 
 
 def register_env(entry: EnvEntry) -> None:
@@ -40,9 +41,13 @@ def register_env(entry: EnvEntry) -> None:
 
 
 def _load_builtin() -> None:
-    # Imported lazily: robosuite takes seconds to import and the light tasks do not need it.
-    if not _REGISTRY:
-        from robopolicy.sim import tasks  # noqa: F401  (registers on import)
+    # The task modules register on import; robosuite itself is imported only when a
+    # robosuite env is built (it takes seconds and the light tasks do not need it).
+    global _builtins_loaded
+    if not _builtins_loaded:
+        from robopolicy.sim import tasks  # noqa: F401
+
+        _builtins_loaded = True
 
 
 def env_entry(name: str) -> EnvEntry:
