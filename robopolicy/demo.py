@@ -29,6 +29,17 @@ class DemoConfig:
     def demo_episodes(self) -> int:
         return 10 if self.quick else 50
 
+    @property
+    def train_steps(self) -> int:
+        return 300 if self.quick else 4000
+
+    @property
+    def eval_episodes(self) -> int:
+        return 5 if self.quick else 50
+
+    def folder(self, stage: str) -> Path:
+        return self.out / stage
+
 
 Stage = Callable[[DemoConfig, Path], dict[str, Any]]
 
@@ -42,7 +53,28 @@ def stage_collect(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     return {"episodes": r.kept, "frames": r.frames, "expert_success": r.success_rate, "seconds": r.seconds}
 
 
-STAGES: list[tuple[str, Stage]] = [("collect", stage_collect)]
+def stage_train(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
+    from robopolicy.train.trainer import TrainConfig, train
+
+    s = train(TrainConfig(policy="diffusion", dataset=cfg.folder("collect") / "dataset", out=folder / "run",
+                          steps=cfg.train_steps))
+    return {"steps": s["steps"], "seconds": s["seconds"], "final_loss": s["final_loss"],
+            "samples_per_s": s["samples_per_s"], "parameters": s["parameters"]}
+
+
+def stage_eval_bc(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
+    from robopolicy.train.checkpoint import load_policy
+    from robopolicy.train.evaluate import EvalConfig, evaluate_policy
+
+    policy = load_policy(cfg.folder("train") / "run")
+    r = evaluate_policy(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes, video=folder / "rollouts.mp4"),
+                        out_json=folder / "eval.json")
+    print(r.table())
+    return {"success_rate": r.success_rate, "ci95": list(r.ci95), "episodes": r.episodes,
+            "latency_ms_p50": r.latency_ms_p50, "latency_ms_p99": r.latency_ms_p99}
+
+
+STAGES: list[tuple[str, Stage]] = [("collect", stage_collect), ("train", stage_train), ("eval_bc", stage_eval_bc)]
 
 
 def run_stage(cfg: DemoConfig, name: str, fn: Stage) -> dict[str, Any]:
