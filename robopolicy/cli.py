@@ -165,7 +165,7 @@ def _load_predictor(args: argparse.Namespace):
         return TorchChunkPredictor(policy, seed=args.seed), args.checkpoint
     from robopolicy.export import load_policy as load_exported
 
-    return load_exported(Path(args.model), backend=args.backend), args.model
+    return load_exported(Path(args.model), backend=args.backend, seed=args.seed), args.model
 
 
 def _default_env(predictor) -> str:
@@ -212,6 +212,27 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+# ---- deploy ----------------------------------------------------------------------------
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from robopolicy.real.deploy import deploy
+
+    deploy(Path(args.model), Path(args.params), sim=args.sim, episodes=args.episodes, duration_s=args.duration,
+           out=Path(args.out) if args.out else None, domain_id=args.domain_id)
+    return 0
+
+
+def add_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="run the ROS 2 policy node (and optionally the MuJoCo sim bridge)")
+    p.add_argument("--model", required=True, help="export folder (or training run) the node runs")
+    p.add_argument("--params", required=True, help="node parameter YAML, e.g. real/config/panda.yaml")
+    p.add_argument("--sim", help="also start the sim bridge for this env and run the closed loop over DDS")
+    p.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run with --sim")
+    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until --episodes or Ctrl-C)")
+    p.add_argument("--out", help="report folder (default: <model>/deploy/<timestamp>)")
+    p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID or random)")
+    p.set_defaults(func=cmd_deploy)
+
+
 # ---- envs ------------------------------------------------------------------------------
 def cmd_envs(args: argparse.Namespace) -> int:
     from robopolicy.sim.registry import env_entry, env_names
@@ -249,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robopolicy", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"robopolicy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_envs, add_collect, add_dataset, add_train, add_eval, add_export, add_demo):
+    for add in (add_envs, add_collect, add_dataset, add_train, add_eval, add_export, add_deploy, add_demo):
         add(sub)
     return parser
 
