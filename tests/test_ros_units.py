@@ -1,0 +1,257 @@
+"""The policy node's plain-Python parts: chunk schedule, control clock, observation history,
+parameter validation against the feature spec, parameter files, message conversion.
+No DDS here (the ROS 2 message types are plain Python objects)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sensor_msgs.msg import JointState
+
+from robopolicy.errors import RobopolicyError, SpecMismatchError
+from robopolicy.real import messages
+from robopolicy.real.config import POLICY_PARAMS, PolicyNodeConfig
+from robopolicy.real.messages import CommandCodec, JointStateReader, MessageError, image_to_array, array_to_image
+from robopolicy.real.nodes import POLICY, SIM_BRIDGE, check_params_file
+from robopolicy.real.observations import FUTURE_STAMP, NON_FINITE_OBSERVATION, STALE_STAMP, ObservationBuffer
+from robopolicy.real.schedule import ActionSchedule, Chunk, ControlClock
+from robopolicy.spec import ACTION, ENV_STATE, STATE, Feature, FeatureSpec, Stats
+
+CONFIG = Path(__file__).resolve().parent.parent / "real" / "config"
+STATE_NAMES = ["pusher_x", "pusher_y", "pusher_vx", "pusher_vy"]
+ENV_NAMES = ["red_block_x", "red_block_y", "red_block_cos_yaw", "red_block_sin_yaw", "goal_x", "goal_y"]
+ACTION_NAMES = ["pusher_vx_cmd", "pusher_vy_cmd"]
+
+
+# ---- schedule -------------------------------------------------------------------------------
+def chunk(start: float, values: list[float], horizon: int = 3, fps: float = 10.0) -> Chunk:
+    return Chunk(start, np.array(values, dtype=float)[:, None], fps, horizon)
+
+
+def test_chunk_actions_are_timestamped_and_stale_ones_dropped() -> None:
+    s = ActionSchedule(blend_s=0.0)
+    assert s.action(0.0) is None and s.plan_end is None
+    c = chunk(10.0, [0, 1, 2, 3])
+    assert s.install(c, now=10.15) == 1  # action 0 (slot [10.0, 10.1)) already passed
+    assert s.action(10.15)[0] == 1 and s.action(10.25)[0] == 2
+    assert s.plan_switch == pytest.approx(10.3)  # the next chunk is due after 3 actions ...
+    assert s.action(10.35)[0] == 3  # ... if it is late, the reserve action covers
+    assert s.plan_end == pytest.approx(10.4) and s.action(10.4) is None  # then the plan is exhausted
+    assert s.install(chunk(9.0, [5, 5, 5, 5]), now=10.4) == 4  # entirely in the past: not installed
+    assert s.current is c
+
+
+def test_seams_cross_fade_linearly_from_the_old_chunk() -> None:
+    s = ActionSchedule(blend_s=0.1)
+    s.install(chunk(0.0, [0, 0, 0, 0]), now=0.0)
+    s.install(chunk(0.2, [1, 1, 1, 1]), now=0.25)
+    assert s.action(0.25)[0] == pytest.approx(0.0)
+    assert s.action(0.30)[0] == pytest.approx(0.5)
+    assert s.action(0.35)[0] == pytest.approx(1.0)
+    # The old chunk ends (its reserve too) before the blend would: the new one takes over.
+    s.install(chunk(0.4, [2, 2, 2, 2]), now=0.45)
+    s.install(chunk(0.9, [3, 3, 3, 3]), now=0.95)
+    assert s.action(0.95)[0] == 3.0
+
+
+def test_control_clock_runs_cycles_at_observation_arrival_and_skips_the_colliding_tick() -> None:
+    clock = ControlClock(period_s=0.02, sync=True)
+
+    def ticks(start: float) -> None:  # the timer, re-armed at ``start``, between observations
+        for k in range(1, 5):
+            assert clock.on_timer(start + 0.02 * k) == "run"
+            clock.ran(start + 0.02 * k)
+
+    assert clock.on_observation(0.0)  # an observation runs a cycle at once
+    clock.ran(0.0)
+    ticks(0.0)
+    assert clock.on_observation(0.1)
+    clock.ran(0.1)
+    ticks(0.1)
+    assert clock.observation_period() == pytest.approx(0.1)
+    assert clock.on_timer(0.199) == "skip"  # the next observation is due: skip this tick ...
+    assert clock.on_observation(0.2005)  # ... it arrives and runs the cycle,
+    clock.ran(0.2005)
+    assert not clock.overdue(0.199 + clock.guard)  # so the fallback has nothing to do
+    ticks(0.2005)
+    assert clock.on_timer(0.3005) == "skip"  # skipped, but this observation is late:
+    assert clock.overdue(0.3005 + clock.guard)  # the fallback runs the cycle
+    clock.ran(0.3055)
+    assert clock.on_observation(0.33)  # the late observation still runs its own cycle
+    clock.ran(0.33)
+    # The tick queued before that cycle re-armed the timer fires just after it: re-arm, do not run.
+    assert clock.on_timer(0.3309) == "rearm"
+    # A tick that is merely early after a late one (timer jitter) runs.
+    clock.ran(0.3309 + 0.026)
+    assert clock.on_timer(0.3309 + 0.040) == "run"
+
+
+def test_control_clock_leaves_fast_sensors_to_the_timer() -> None:
+    clock = ControlClock(period_s=0.02, sync=True)
+    for k in range(20):  # 500 Hz joint states
+        clock.on_observation(0.002 * k)
+    assert not clock.on_observation(0.04) and clock.on_timer(0.041) == "run"
+
+
+def test_control_clock_without_sync_is_the_timer() -> None:
+    clock = ControlClock(period_s=0.02, sync=False)
+    assert not clock.on_observation(0.0) and clock.on_timer(0.0) == "run"
+    with pytest.raises(RobopolicyError):
+        ControlClock(0.0, True)
+
+
+# ---- observation history ---------------------------------------------------------------------
+def test_history_is_sampled_at_the_policy_fps_from_faster_topics() -> None:
+    buf = ObservationBuffer([STATE, ENV_STATE], n_obs_steps=2, fps=10.0, staleness_s=0.5)
+    assert buf.frame("t") is None
+    for k in range(50):  # state at 100 Hz, environment state at 10 Hz
+        t = 100.0 + 0.01 * k
+        assert buf.add(STATE, t, np.array([t], dtype=np.float32), now=t, arrival=k) is None
+        if k % 10 == 0:
+            buf.add(ENV_STATE, t, np.array([t], dtype=np.float32), now=t, arrival=k)
+    frame = buf.frame("push")
+    assert frame.stamp == pytest.approx(100.4) and frame.obs["task"] == ["push"]
+    assert frame.obs[STATE].shape == (1, 2, 1)
+    np.testing.assert_allclose(frame.obs[STATE][0, :, 0], [100.3, 100.4], atol=1e-4)
+    np.testing.assert_allclose(frame.obs[ENV_STATE][0, :, 0], [100.3, 100.4], atol=1e-4)
+    assert buf.newest == (49, pytest.approx(100.49))
+
+
+def test_history_pads_with_the_oldest_sample_and_rejects_bad_samples() -> None:
+    buf = ObservationBuffer([STATE], n_obs_steps=3, fps=10.0, staleness_s=0.2)
+    buf.add(STATE, 5.0, np.array([1.0], dtype=np.float32), now=5.0, arrival=0)
+    np.testing.assert_allclose(buf.frame("").obs[STATE][0, :, 0], [1.0, 1.0, 1.0])
+    assert buf.add(STATE, 4.0, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == STALE_STAMP
+    assert buf.add(STATE, 6.0, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == FUTURE_STAMP
+    assert buf.add(STATE, 5.1, np.array([np.nan], dtype=np.float32), now=5.1, arrival=1) == NON_FINITE_OBSERVATION
+    assert buf.add(STATE, 4.95, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == STALE_STAMP  # out of order
+    assert dict(buf.rejected) == {STALE_STAMP: 2, FUTURE_STAMP: 1, NON_FINITE_OBSERVATION: 1}
+    assert buf.observation_time() == 5.0
+
+
+# ---- parameters vs the model -------------------------------------------------------------------
+def push_spec(**timing: int) -> FeatureSpec:
+    def feat(key: str, names: list[str], lo: float = -1.0, hi: float = 1.0) -> Feature:
+        d = len(names)
+        return Feature(key, (d,), names=names, stats=Stats([lo] * d, [hi] * d, [0.0] * d, [1.0] * d))
+
+    return FeatureSpec({STATE: feat(STATE, STATE_NAMES), ENV_STATE: feat(ENV_STATE, ENV_NAMES),
+                        ACTION: feat(ACTION, ACTION_NAMES, -0.9, 0.9)}, fps=10.0, n_obs_steps=2, horizon=16,
+                       n_action_steps=8, tasks=["push the red block to the goal"])
+
+
+def push_params(**changes: object) -> dict[str, object]:
+    values: dict[str, object] = {p.name: p.default for p in POLICY_PARAMS}
+    values.update({
+        "model": "/models/push", "observation.environment_state.topic": "/object_state",
+        "observation.state.names": STATE_NAMES, "observation.environment_state.names": ENV_NAMES,
+        "action.names": ACTION_NAMES, "action.lower": [-1.0, -1.0], "action.upper": [1.0, 1.0],
+        "action.max_delta": [0.5, 0.5],
+    })
+    values.update(changes)
+    return values
+
+
+def test_matching_parameters_pass_and_map_onto_the_spec() -> None:
+    cfg = PolicyNodeConfig.from_params(push_params())
+    cfg.check_spec(push_spec(), "model M", "params P")
+    assert cfg.observation_keys == [ENV_STATE, STATE] and cfg.horizon(push_spec()) == 8
+    assert cfg.default_task(push_spec()) == "push the red block to the goal"
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"action.names": ["vx", "vy"]}, ["action.names", "pusher_vx_cmd", "vx", "missing"]),
+        ({"observation.state.names": STATE_NAMES[::-1]}, ["another order"]),
+        ({"observation.state.names": STATE_NAMES[:3]}, ["observation.state.names", "missing ['pusher_vy']"]),
+        ({"observation.environment_state.topic": "", "observation.environment_state.names": []},
+         ["needs observation.environment_state [6]"]),
+        ({"observation.images.cameras": ["top"], "observation.images.topics": ["/top"]},
+         ["subscribe observation.images.top", "no such feature"]),
+        ({"action.lower": [-0.5, -1.0]}, ["'pusher_vx_cmd' was trained on [-0.9, 0.9]", "limits are [-0.5, 1]"]),
+        ({"control_rate_hz": 5.0}, ["control_rate_hz 5 is below the model's 10 fps"]),
+        ({"execution_horizon": 9}, ["execution_horizon 9 exceeds", "8 actions"]),
+    ],
+)
+def test_mismatches_name_both_sides(changes: dict[str, object], expected: list[str]) -> None:
+    cfg = PolicyNodeConfig.from_params(push_params(**changes))
+    with pytest.raises(SpecMismatchError) as err:
+        cfg.check_spec(push_spec(), "model /models/push", "parameters push.yaml")
+    text = str(err.value)
+    assert text.startswith("model /models/push does not match parameters push.yaml: ")
+    for piece in expected:
+        assert piece in text
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"model": ""}, "model is empty"),
+        ({"action.max_delta": [0.5]}, "one value per action dimension"),
+        ({"action.hold": ["brake"]}, "'last' or 'zero'"),
+        ({"action.message_type": "twist"}, "action.message_type is 'twist'"),
+        ({"control_rate_hz": 0.0}, "control_rate_hz is 0.0"),
+        ({"observation.images.cameras": ["top"]}, "observation.images.topics has 0"),
+        ({"observation.environment_state.topic": ""}, "environment_state.names is set but"),
+    ],
+)
+def test_invalid_parameters_are_refused(changes: dict[str, object], expected: str) -> None:
+    with pytest.raises(RobopolicyError, match="invalid policy node parameters") as err:
+        PolicyNodeConfig.from_params(push_params(**changes))
+    assert expected in str(err.value)
+
+
+# ---- parameter files ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["push.yaml", "panda.yaml"])
+def test_shipped_parameter_files_are_valid(name: str) -> None:
+    applied = check_params_file(CONFIG / name)
+    assert applied[POLICY.name]["observation.state.topic"] == "/joint_states"
+    assert applied[SIM_BRIDGE.name]["action.topic"] == applied[POLICY.name]["action.topic"]
+    assert "control_rate_hz" not in applied[SIM_BRIDGE.name]
+
+
+def test_parameter_file_errors_name_file_section_and_parameter(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("robopolicy_policy:\n  ros__parameters:\n    control_rate: 50.0\n    blend_s: 1\n"
+                   "other_node:\n  ros__parameters: {}\n")
+    with pytest.raises(RobopolicyError) as err:
+        check_params_file(bad)
+    text = str(err.value)
+    assert str(bad) in text and "unknown parameter 'control_rate'" in text
+    assert "blend_s = 1 must be a double (write 50.0, not 50)" in text and "'other_node' matches no node" in text
+
+
+# ---- messages -----------------------------------------------------------------------------------
+def test_joint_state_mapping_by_name() -> None:
+    reader = JointStateReader("/joint_states", ["b", "a"])
+    msg = JointState(name=["a", "b", "extra"], position=[1.0, 2.0, 3.0])
+    np.testing.assert_allclose(reader.read(msg), [2.0, 1.0])
+    with pytest.raises(MessageError, match=r"lacks \['b'\]") as err:
+        reader.read(JointState(name=["a"], position=[1.0]))
+    assert err.value.reason == messages.WRONG_NAMES
+    with pytest.raises(MessageError, match="2 names but 1 positions"):
+        reader.read(JointState(name=["a", "b"], position=[1.0]))
+
+
+def test_images_round_trip_and_are_checked() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    msg = array_to_image(img, messages.s_to_stamp(1.5))
+    np.testing.assert_array_equal(image_to_array(msg, "/cam", (6, 5, 3)), img)
+    msg.encoding = "bgr8"
+    np.testing.assert_array_equal(image_to_array(msg, "/cam", (6, 5, 3)), img[..., ::-1])
+    with pytest.raises(MessageError, match="is 6x5; the policy needs 8x8"):
+        image_to_array(msg, "/cam", (8, 8, 3))
+    msg.encoding = "mono8"
+    with pytest.raises(MessageError, match="encoding 'mono8'"):
+        image_to_array(msg, "/cam", (6, 5, 3))
+
+
+@pytest.mark.parametrize("kind", messages.COMMAND_TYPES)
+def test_commands_round_trip(kind: str) -> None:
+    codec = CommandCodec(kind, ["x", "y"], period_s=0.02)
+    msg = codec.encode(np.array([0.25, -0.5]), messages.s_to_stamp(3.0))
+    np.testing.assert_allclose(codec.decode(msg, "/cmd"), [0.25, -0.5])
+    assert messages.stamp_to_s(messages.s_to_stamp(1234.000001)) == pytest.approx(1234.000001, abs=1e-9)
