@@ -213,10 +213,20 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- deploy ----------------------------------------------------------------------------
+#: Parameter files in real/config for the envs that have one (used when --params is omitted).
+DEFAULT_PARAMS = {"lift": "panda.yaml", "push": "push.yaml"}
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from robopolicy.paths import REAL_PACKAGE
     from robopolicy.real.deploy import deploy
 
-    deploy(Path(args.model), Path(args.params), sim=args.sim, episodes=args.episodes, duration_s=args.duration,
+    params = args.params
+    if params is None:
+        if args.sim not in DEFAULT_PARAMS:
+            raise RobopolicyError(f"--params is required (defaults exist only for --sim {', '.join(DEFAULT_PARAMS)})")
+        params = REAL_PACKAGE / "config" / DEFAULT_PARAMS[args.sim]
+    deploy(Path(args.model), Path(params), sim=args.sim, episodes=args.episodes, duration_s=args.duration,
            out=Path(args.out) if args.out else None, domain_id=args.domain_id)
     return 0
 
@@ -224,7 +234,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def add_deploy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="run the ROS 2 policy node (and optionally the MuJoCo sim bridge)")
     p.add_argument("--model", required=True, help="export folder (or training run) the node runs")
-    p.add_argument("--params", required=True, help="node parameter YAML, e.g. real/config/panda.yaml")
+    p.add_argument("--params", help="node parameter YAML (default for --sim lift: real/config/panda.yaml, "
+                                    "--sim push: real/config/push.yaml)")
     p.add_argument("--sim", help="also start the sim bridge for this env and run the closed loop over DDS")
     p.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run with --sim")
     p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until --episodes or Ctrl-C)")
