@@ -27,8 +27,10 @@ fi
 # --- Python 3.12 --------------------------------------------------------------------------
 # lerobot 0.6 needs Python >= 3.12 (and ROS 2 Kilted on Ubuntu 24.04 runs 3.12 too).
 find_python() {
-  for c in "${ROBOPOLICY_PYTHON:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
-    [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { command -v "$c"; return; }
+  # A candidate counts only if it runs and is 3.12 (pyenv shims exist for versions not selected).
+  for c in "${ROBOPOLICY_PYTHON:-}" "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3.12 /usr/bin/python3.12; do
+    [ -n "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 \
+      && { command -v "$c"; return; }
   done
   return 1
 }
