@@ -158,10 +158,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _load_predictor(args: argparse.Namespace):
     if args.checkpoint:
+        from robopolicy.rl import is_residual_checkpoint, load_residual_policy
         from robopolicy.train.checkpoint import load_policy
         from robopolicy.train.evaluate import TorchChunkPredictor
 
-        policy = load_policy(Path(args.checkpoint))
+        path = Path(args.checkpoint)
+        policy = load_residual_policy(path) if is_residual_checkpoint(path) else load_policy(path)
         return TorchChunkPredictor(policy, seed=args.seed), args.checkpoint
     from robopolicy.export import load_policy as load_exported
 
@@ -277,11 +279,12 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from robopolicy import __version__
+    from robopolicy.rl.cli import add_finetune
 
     parser = argparse.ArgumentParser(prog="robopolicy", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"robopolicy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_envs, add_collect, add_dataset, add_train, add_eval, add_export, add_deploy, add_demo):
+    for add in (add_envs, add_collect, add_dataset, add_train, add_eval, add_finetune, add_export, add_deploy, add_demo):
         add(sub)
     return parser
 

@@ -2,6 +2,8 @@
 
 Works with anything that predicts chunks: a torch policy (wrapped by
 :class:`TorchChunkPredictor`) or an exported one (``robopolicy.export.load_policy``).
+A predictor may also correct each executed action (``correct_action``, e.g. a residual-RL
+policy): the executor passes it the current observation and the planned action.
 Reports success rate with a Wilson 95 % interval, episode length, inference latency
 p50/p99, per-instruction success and instruction following for multi-task envs;
 optional temporal ensembling, MP4 of rollouts, JSON results.
@@ -36,6 +38,9 @@ class ChunkPredictor(Protocol):
         """Raw observations ``[1, To, ...]`` (+ ``"task"``) -> raw actions ``[1, Ta, Da]``."""
         ...
 
+    # Optional: ``correct_action(obs, action) -> action`` with the current raw observation
+    # (unbatched) and the planned action ``[Da]``; the executor applies it at every step.
+
 
 class TorchChunkPredictor:
     """Runs a torch :class:`~robopolicy.policies.base.Policy` on numpy observations."""
@@ -52,6 +57,15 @@ class TorchChunkPredictor:
         batch = {k: torch.as_tensor(v, device=self.device) if k != "task" else v for k, v in obs.items()}
         noise = torch.randn(self.policy.noise_shape(1), generator=self.generator).to(self.device)
         return self.policy.predict_chunk(batch, noise).cpu().numpy()
+
+    @torch.inference_mode()
+    def correct_action(self, obs: dict[str, np.ndarray], action: np.ndarray) -> np.ndarray:
+        """The policy's per-step correction of the planned ``action`` (identity for plain policies)."""
+        correct = getattr(self.policy, "correct_action", None)
+        if correct is None:
+            return action
+        batch = {k: torch.as_tensor(v, device=self.device)[None] for k, v in obs.items()}
+        return correct(batch, torch.as_tensor(action, device=self.device)[None]).cpu().numpy()[0]
 
 
 @dataclass
@@ -128,7 +142,8 @@ class ChunkExecutor:
 
     Without ensembling a chunk of Ta actions is predicted when the plan runs out. With
     temporal ensembling a chunk is predicted every step and the actions that overlap the
-    current step are averaged with weights ``exp(-decay * age)`` (ACT).
+    current step are averaged with weights ``exp(-decay * age)`` (ACT). A predictor's
+    ``correct_action`` (if any) then adjusts the action to the current observation.
     """
 
     def __init__(self, predictor: ChunkPredictor, ensemble: bool = False, decay: float = 0.1) -> None:
@@ -136,6 +151,7 @@ class ChunkExecutor:
         self.n_obs = predictor.spec.n_obs_steps
         self.keys = predictor.spec.observation_keys
         self.ensemble, self.decay = ensemble, decay
+        self.correct = getattr(predictor, "correct_action", None)
         self.latencies: list[float] = []
 
     def reset(self) -> None:
@@ -166,25 +182,19 @@ class ChunkExecutor:
             else:
                 self.plan.extend(chunk)
         self.t += 1
-        if not self.ensemble:
-            return self.plan.popleft()
-        ages = np.array([self.t - 1 - t0 for t0, _ in self.ensemble_buf], dtype=np.float64)
-        w = np.exp(-self.decay * ages)
-        acts = np.stack([c[self.t - 1 - t0] for t0, c in self.ensemble_buf])
-        return (w[:, None] * acts).sum(0) / w.sum()
+        if self.ensemble:
+            ages = np.array([self.t - 1 - t0 for t0, _ in self.ensemble_buf], dtype=np.float64)
+            w = np.exp(-self.decay * ages)
+            acts = np.stack([c[self.t - 1 - t0] for t0, c in self.ensemble_buf])
+            action = (w[:, None] * acts).sum(0) / w.sum()
+        else:
+            action = self.plan.popleft()
+        return action if self.correct is None else self.correct(obs, action)
 
 
 def evaluate(predictor: ChunkPredictor, cfg: EvalConfig, out_json: Path | None = None) -> EvalResult:
     """Roll out ``cfg.episodes`` seeded episodes and summarize them."""
-    env_kwargs: dict[str, Any] = {}
-    cams = [f.name.split(".")[-1] for f in predictor.spec.image_features]
-    if cams:
-        env_kwargs.update(cameras=tuple(cams), image_size=predictor.spec.image_features[0].shape[0])
-    if cfg.randomize:
-        env_kwargs["randomization"] = Randomization.default_dr()
-    if cfg.max_episode_steps:
-        env_kwargs["max_episode_steps"] = cfg.max_episode_steps
-    env = make_env(cfg.env, **env_kwargs)
+    env = make_env(cfg.env, **env_kwargs(predictor.spec, cfg.randomize, cfg.max_episode_steps))
     _check_env_fits(env, predictor.spec, cfg.env)
     executor = ChunkExecutor(predictor, cfg.ensemble, cfg.ensemble_decay)
     recorder = _VideoRecorder(env, cfg.video, cfg.video_episodes) if cfg.video else None
@@ -215,6 +225,19 @@ def evaluate(predictor: ChunkPredictor, cfg: EvalConfig, out_json: Path | None =
     if out_json is not None:
         write_json_atomic(Path(out_json), result.to_dict())
     return result
+
+
+def env_kwargs(spec: FeatureSpec, randomize: bool, max_episode_steps: int | None = None) -> dict[str, Any]:
+    """``make_env`` keyword arguments for a policy: its cameras, randomization, time limit."""
+    kwargs: dict[str, Any] = {}
+    cams = [f.name.split(".")[-1] for f in spec.image_features]
+    if cams:
+        kwargs.update(cameras=tuple(cams), image_size=spec.image_features[0].shape[0])
+    if randomize:
+        kwargs["randomization"] = Randomization.default_dr()
+    if max_episode_steps:
+        kwargs["max_episode_steps"] = max_episode_steps
+    return kwargs
 
 
 def evaluate_policy(policy: torch.nn.Module, cfg: EvalConfig, out_json: Path | None = None) -> EvalResult:
