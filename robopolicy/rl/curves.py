@@ -7,11 +7,10 @@ mean_return, episodes]`` over the last training episodes (with exploration noise
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from robopolicy.data.atomic import write_bytes_atomic
+from robopolicy.train.plots import save_figure
 
 
 def plot_learning_curves(runs: dict[str, dict[str, Any]], out: Path, title: str) -> None:
@@ -40,8 +39,4 @@ def plot_learning_curves(runs: dict[str, dict[str, Any]], out: Path, title: str)
     ax_r.set_xlabel("environment steps")
     ax_r.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(Path(out), buf.getvalue())
+    save_figure(fig, out)

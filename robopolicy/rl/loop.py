@@ -21,7 +21,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from robopolicy.data.atomic import write_bytes_atomic, write_json_atomic
+from robopolicy.data.atomic import write_json_atomic
 from robopolicy.errors import CheckpointError
 from robopolicy.rl.config import OffPolicyArgs
 from robopolicy.rl.curves import plot_learning_curves
@@ -43,9 +42,9 @@ from robopolicy.rl.envs import ChunkRunner, close_vector_env, final_observations
 from robopolicy.rl.networks import ObservationFlattener
 from robopolicy.rl.replay import Batch, ReplayBuffer, sample_mixed
 from robopolicy.train.checkpoint import (
-    LAST,
-    _optimizer_from_flat,
-    _optimizer_to_flat,
+    commit_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
     load_tensors,
     load_weights,
     resolve_checkpoint,
@@ -305,7 +304,7 @@ def _save(out: Path, s: Setup, state: RunState, rng: np.random.Generator, keep: 
     tensors = {f"module.{name}.{k}": v for name, m in s.agent.modules().items() for k, v in m.state_dict().items()}
     optimizers = {}
     for name, opt in s.agent.optimizers().items():
-        flat, optimizers[name] = _optimizer_to_flat(opt)
+        flat, optimizers[name] = optimizer_to_flat(opt)
         tensors.update({f"optimizer.{name}.{k}": v for k, v in flat.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     if s.runner is not None:
@@ -315,16 +314,7 @@ def _save(out: Path, s: Setup, state: RunState, rng: np.random.Generator, keep: 
         "algorithm": s.label, "state": dataclasses.asdict(state), "numpy_rng": rng.bit_generator.state,
         "optimizers": optimizers, "args": s.args.to_json()})
     s.online.save(stage / REPLAY)
-    for f in stage.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(stage, final)
-    write_bytes_atomic(root / LAST, final.name.encode())
-    older = sorted(p for p in root.glob("step_*") if p != final)
-    for old in older[: max(len(older) - (keep - 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return commit_checkpoint(stage, final, keep)
 
 
 def _restore(out: Path, s: Setup) -> tuple[RunState, np.random.Generator]:
@@ -344,7 +334,7 @@ def _restore(out: Path, s: Setup) -> tuple[RunState, np.random.Generator]:
     for name, module in s.agent.modules().items():
         load_weights(module, part(f"module.{name}."), f"{ckpt / TRAIN_STATE}.safetensors ({name})")
     for name, opt in s.agent.optimizers().items():
-        opt.load_state_dict(_optimizer_from_flat(part(f"optimizer.{name}."), meta["optimizers"][name]))
+        opt.load_state_dict(optimizer_from_flat(part(f"optimizer.{name}."), meta["optimizers"][name]))
     torch.set_rng_state(tensors["rng.torch"])
     if s.runner is not None:
         s.runner.generator.set_state(tensors["rng.base"])

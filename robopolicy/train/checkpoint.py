@@ -76,7 +76,7 @@ def save_policy(folder: Path, policy: Policy, weights: dict[str, torch.Tensor], 
     write_json_atomic(folder / POLICY_META, policy_metadata(policy, extra))
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
@@ -88,7 +88,7 @@ def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -118,18 +118,25 @@ def save_checkpoint(
     stage = ckpt_root / f".{final.name}.staging"
     shutil.rmtree(stage, ignore_errors=True)
     save_policy(stage, policy, inference_weights, {**policy_extra, "step": step})
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     tensors = {**{f"model.{k}": v for k, v in train_weights.items()}, **opt_tensors,
                "rng.torch": torch.get_rng_state()}
     save_file(_contiguous(tensors), str(stage / TRAIN_WEIGHTS))
     write_json_atomic(stage / TRAIN_META, {**train_meta, "step": step, "optimizer": opt_meta})
+    return commit_checkpoint(stage, final, keep)
+
+
+def commit_checkpoint(stage: Path, final: Path, keep: int) -> Path:
+    """Make the fully written ``stage`` folder the checkpoint ``final``, move ``last`` to it
+    (atomic rename) and prune all but the ``keep`` newest ``step_*`` checkpoints."""
+    root = final.parent
     for f in stage.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(stage, final)
-    write_bytes_atomic(ckpt_root / LAST, final.name.encode())
-    older = sorted(p for p in ckpt_root.glob("step_*") if p != final)
+    write_bytes_atomic(root / LAST, final.name.encode())
+    older = sorted(p for p in root.glob("step_*") if p != final)
     for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -213,4 +220,4 @@ def load_train_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise CheckpointError(f"{Path(ckpt) / TRAIN_META} is unreadable or corrupt: {e}") from e
     torch.set_rng_state(tensors["rng.torch"])
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return model, _optimizer_from_flat(tensors, meta["optimizer"]), meta
+    return model, optimizer_from_flat(tensors, meta["optimizer"]), meta

@@ -9,8 +9,6 @@ from robopolicy.data.atomic import write_bytes_atomic
 
 def plot_curves(history: dict[str, list[list[float]]], out: Path, title: str) -> None:
     """Loss (log scale) and learning rate vs step; eval success on a second axis if any."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,6 +35,15 @@ def plot_curves(history: dict[str, list[list[float]]], out: Path, title: str) ->
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.suptitle(title)
+    save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a file) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
