@@ -9,6 +9,10 @@ class SpecMismatchError(RobopolicyError):
     """Two stages disagree about the feature spec; the message names both sides."""
 
 
+class InstructionError(SpecMismatchError):
+    """A language instruction is empty or not one the policy was trained on."""
+
+
 class DatasetError(RobopolicyError):
     """A dataset path is missing, empty, corrupt or has unexpected features."""
 

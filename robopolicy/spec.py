@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from robopolicy.errors import SpecMismatchError
+from robopolicy.errors import InstructionError, SpecMismatchError
 
 ACTION = "action"
 STATE = "observation.state"
@@ -27,13 +27,20 @@ ENV_STATE = "observation.environment_state"
 IMAGE_PREFIX = "observation.images."
 LANGUAGE = "observation.language"
 
-FeatureKind = Literal["state", "image", "action"]
+FeatureKind = Literal["state", "image", "language", "action"]
 
 
 def feature_kind(name: str) -> FeatureKind:
-    """Classify a feature by its LeRobot name."""
+    """Classify a feature by its LeRobot name.
+
+    ``observation.language`` is the instruction embedding a language-conditioned policy
+    takes (shape ``(D,)``); it is computed from the task string, never read from an env or
+    a dataset, so it is neither a state nor an observation key.
+    """
     if name == ACTION:
         return "action"
+    if name == LANGUAGE:
+        return "language"
     if name.startswith(IMAGE_PREFIX):
         return "image"
     if name.startswith("observation."):
@@ -125,6 +132,11 @@ class FeatureSpec:
         return [self.features[k] for k in sorted(self.features) if feature_kind(k) == "image"]
 
     @property
+    def language(self) -> Feature | None:
+        """The instruction-embedding feature of a language-conditioned policy, else ``None``."""
+        return self.features.get(LANGUAGE)
+
+    @property
     def observation_keys(self) -> list[str]:
         return [f.name for f in self.state_features + self.image_features]
 
@@ -201,6 +213,15 @@ class FeatureSpec:
             raise SpecMismatchError(
                 f"feature spec of {this_side} does not match {other_side}: " + "; ".join(problems)
             )
+
+
+def check_instruction(task: object, known: list[str]) -> str:
+    """``task`` if it is one of the ``known`` instructions, else :class:`InstructionError` saying why."""
+    if not isinstance(task, str) or not task.strip():
+        raise InstructionError(f"empty instruction {task!r}; expected one of: {', '.join(map(repr, known))}")
+    if task not in known:
+        raise InstructionError(f"unknown instruction {task!r}; expected one of: {', '.join(map(repr, known))}")
+    return task
 
 
 def spec_from_observation_space(
