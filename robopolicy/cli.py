@@ -215,19 +215,13 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- deploy ----------------------------------------------------------------------------
-#: Parameter files in real/config for the envs that have one (used when --params is omitted).
-DEFAULT_PARAMS = {"lift": "panda.yaml", "push": "push.yaml"}
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from robopolicy.paths import REAL_PACKAGE
+    from robopolicy.paths import DEPLOY_PARAMS, deploy_params
     from robopolicy.real.deploy import deploy
 
-    params = args.params
+    params = args.params or deploy_params(args.sim or "")
     if params is None:
-        if args.sim not in DEFAULT_PARAMS:
-            raise RobopolicyError(f"--params is required (defaults exist only for --sim {', '.join(DEFAULT_PARAMS)})")
-        params = REAL_PACKAGE / "config" / DEFAULT_PARAMS[args.sim]
+        raise RobopolicyError(f"--params is required (defaults exist only for --sim {', '.join(DEPLOY_PARAMS)})")
     deploy(Path(args.model), Path(params), sim=args.sim, episodes=args.episodes, duration_s=args.duration,
            out=Path(args.out) if args.out else None, domain_id=args.domain_id)
     return 0
@@ -266,13 +260,18 @@ def add_envs(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from robopolicy.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(quick=args.quick, fresh=args.fresh, out=Path(args.out)))
+    return run_demo(DemoConfig(quick=args.quick, fresh=args.fresh, stage=args.stage, out=Path(args.out)))
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the default task")
-    p.add_argument("--quick", action="store_true", help="a small run that still goes through every stage")
+    from robopolicy.demo.stages import STAGES
+
+    p = sub.add_parser("demo", help="the whole pipeline on the default task, with a report")
+    p.add_argument("--quick", action="store_true", help="a small run (CI, a few minutes) that still goes through every stage")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--stage", choices=[s.name for s in STAGES],
+                   help="re-run this one stage (reusing the finished ones it needs); later stages are then out of "
+                        "date until the next plain `robopolicy demo`")
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's data, runs and report")
     p.set_defaults(func=cmd_demo)
 
