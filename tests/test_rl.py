@@ -14,7 +14,8 @@ from robopolicy.errors import RobopolicyError, SpecMismatchError
 from robopolicy.rl import ResidualArgs, SACArgs, finetune, load_residual_policy, train_sac
 from robopolicy.rl import loop
 from robopolicy.rl.envs import ChunkRunner
-from robopolicy.rl.networks import CriticEnsemble, min_over_subset, polyak_update
+from robopolicy.rl.networks import CriticEnsemble, min_over_subset
+from robopolicy.train.optim import polyak_update
 from robopolicy.rl.policy import make_residual_policy
 from robopolicy.rl.replay import ReplayBuffer, sample_mixed
 from robopolicy.rl.residual import ResidualAgent, build, load_demo_buffer

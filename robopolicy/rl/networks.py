@@ -6,7 +6,7 @@
 * :class:`CriticEnsemble`: ``E`` Q-networks (LayerNorm MLPs) evaluated as one batched
   matmul per layer.
 * :class:`GaussianActor`: the tanh-squashed Gaussian actor of the SAC baseline.
-* :func:`polyak_update`, :func:`min_over_subset`.
+* :func:`min_over_subset`.
 """
 
 from __future__ import annotations
@@ -170,14 +170,6 @@ class GaussianActor(nn.Module):
 
 
 @torch.no_grad()
-def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    """``target <- (1 - tau) * target + tau * source`` for every parameter (buffers copied)."""
-    for t, s in zip(target.parameters(), source.parameters(), strict=True):
-        t.lerp_(s, tau)
-    for t, s in zip(target.buffers(), source.buffers(), strict=True):
-        t.copy_(s)
-
-
 def min_over_subset(q: torch.Tensor, subset: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """REDQ target: min over a random subset of ``subset`` members of ``q [E, B]`` -> ``[B]``.
 

@@ -43,12 +43,13 @@ from robopolicy.errors import RobopolicyError
 from robopolicy.rl import loop
 from robopolicy.rl.config import ResidualArgs
 from robopolicy.rl.envs import ChunkRunner, check_policy_fits_env, close_vector_env, make_vector_env
-from robopolicy.rl.networks import CriticEnsemble, ObservationFlattener, min_over_subset, polyak_update
+from robopolicy.rl.networks import CriticEnsemble, ObservationFlattener, min_over_subset
 from robopolicy.rl.policy import ResidualPolicy, is_residual_checkpoint, load_residual_policy, make_residual_policy
 from robopolicy.rl.replay import Batch, ReplayBuffer
 from robopolicy.spec import ACTION
 from robopolicy.train.checkpoint import load_policy, save_policy
 from robopolicy.train.evaluate import TorchChunkPredictor, env_kwargs
+from robopolicy.train.optim import adamw, polyak_update
 from robopolicy.train.windows import build_windows
 
 
@@ -76,8 +77,8 @@ class ResidualAgent:
         da = policy.spec.action.dim
         self.critic = CriticEnsemble(args.num_critics, self.features.dim + 2 * da, args.critic_hidden).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optim = torch.optim.Adam(self.actor.net.parameters(), lr=args.lr_actor)
-        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.lr_critic)
+        self.actor_optim = adamw(self.actor.net.parameters(), lr=args.lr_actor)
+        self.critic_optim = adamw(self.critic.parameters(), lr=args.lr_critic)
         self.last_actor: dict[str, float] = {}
 
     def q_inputs(self, state: torch.Tensor, base: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, ...]:

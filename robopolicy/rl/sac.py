@@ -30,6 +30,7 @@ from robopolicy.rl.residual import critic_step
 from robopolicy.spec import FeatureSpec
 from robopolicy.train.checkpoint import read_policy_meta, resolve_checkpoint
 from robopolicy.train.evaluate import env_kwargs
+from robopolicy.train.optim import adamw
 
 
 class Temperature(nn.Module):
@@ -71,9 +72,9 @@ class SACAgent:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.temperature = Temperature(args.init_alpha).to(self.device)
         self.target_entropy = -float(da)
-        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.lr_actor)
-        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.lr_critic)
-        self.alpha_optim = torch.optim.Adam(self.temperature.parameters(), lr=args.lr_actor)
+        self.actor_optim = adamw(self.actor.parameters(), lr=args.lr_actor)
+        self.critic_optim = adamw(self.critic.parameters(), lr=args.lr_critic)
+        self.alpha_optim = adamw(self.temperature.parameters(), lr=args.lr_actor)
         self.last_actor: dict[str, float] = {}
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ from robopolicy.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from robopolicy.train.optim import adamw, polyak_update
 from robopolicy.train.plots import plot_curves
 from robopolicy.train.windows import WindowSampler
 
@@ -114,11 +115,7 @@ def lr_lambda(warmup: int, total: int):
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """Polyak-average ``model`` into ``ema``; the decay warms up over the first steps."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    polyak_update(ema, model, 1.0 - min(decay, (1 + step) / (10 + step)))
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -148,7 +145,7 @@ class Trainer:
             self.policy.config.n_obs_steps, self.policy.config.horizon, cfg.seed, self.dist.rank,
         )
         self.ema = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
         self.model: torch.nn.Module = self.policy
         if self.dist.world > 1:
