@@ -158,13 +158,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _load_predictor(args: argparse.Namespace):
     if args.checkpoint:
-        from robopolicy.rl import is_residual_checkpoint, load_residual_policy
-        from robopolicy.train.checkpoint import load_policy
+        from robopolicy.rl import load_trained_policy
         from robopolicy.train.evaluate import TorchChunkPredictor
 
-        path = Path(args.checkpoint)
-        policy = load_residual_policy(path) if is_residual_checkpoint(path) else load_policy(path)
-        return TorchChunkPredictor(policy, seed=args.seed), args.checkpoint
+        return TorchChunkPredictor(load_trained_policy(Path(args.checkpoint)), seed=args.seed), args.checkpoint
     from robopolicy.export import load_policy as load_exported
 
     return load_exported(Path(args.model), backend=args.backend, seed=args.seed), args.model
@@ -206,8 +203,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained policy to ONNX (+ TensorRT) with a manifest")
-    p.add_argument("--checkpoint", required=True, help="training run folder (or one checkpoint folder)")
-    p.add_argument("--out", required=True, help="export folder (policy.onnx, manifest.json); replaced atomically")
+    p.add_argument("--checkpoint", required=True,
+                   help="training or fine-tuning run folder (or one checkpoint folder)")
+    p.add_argument("--out", required=True,
+                   help="export folder (policy.onnx [+ residual.onnx], manifest.json); replaced atomically")
     p.add_argument("--fp16", action="store_true", help="half-precision graph (for GPUs; slower on CPU)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (needs a CUDA GPU)")
     p.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads for the latency report")

@@ -2,10 +2,11 @@
 
 * an export folder (``manifest.json`` present) -> ``robopolicy.export.load_policy`` with
   the chosen backend (ONNX Runtime, TensorRT or torch);
-* a training run or checkpoint folder -> :class:`TorchChunkPredictor` around the torch policy.
+* a training or fine-tuning run, or a checkpoint folder -> :class:`TorchChunkPredictor`
+  around the torch policy.
 
 Either way the result is a :class:`~robopolicy.train.evaluate.ChunkPredictor`
-(``spec``, ``predict_chunk``).
+(``spec``, ``predict_chunk``, and ``correct_action`` for a residual-RL policy).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def load_predictor(path: str | Path, backend: str = "onnxruntime", threads: int 
         return load_policy(folder, backend=backend, threads=threads)
     import torch
 
-    from robopolicy.train.checkpoint import load_policy
+    from robopolicy.rl.policy import load_trained_policy
     from robopolicy.train.evaluate import TorchChunkPredictor
 
     torch.set_num_threads(threads)
-    return TorchChunkPredictor(load_policy(folder))
+    return TorchChunkPredictor(load_trained_policy(folder))

@@ -15,6 +15,7 @@ _EXPORTS = {
     "OffPolicyArgs": "config", "ResidualArgs": "config", "SACArgs": "config",
     "finetune": "residual", "train_sac": "sac",
     "ResidualPolicy": "policy", "is_residual_checkpoint": "policy", "load_residual_policy": "policy",
+    "load_trained_policy": "policy",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,6 +25,7 @@ from robopolicy.rl.networks import ResidualActor
 from robopolicy.spec import FeatureSpec
 from robopolicy.train.checkpoint import (
     POLICY_WEIGHTS,
+    load_policy,
     load_tensors,
     load_weights,
     read_policy_meta,
@@ -111,3 +112,8 @@ def load_residual_policy(path: Path) -> ResidualPolicy:
     load_weights(policy, load_tensors(ckpt / POLICY_WEIGHTS), f"{ckpt / POLICY_WEIGHTS}")
     policy.checkpoint_meta = meta
     return policy.eval()
+
+
+def load_trained_policy(path: Path) -> nn.Module:
+    """The inference policy of any run or checkpoint folder: a residual fine-tuning or a BC policy."""
+    return load_residual_policy(path) if is_residual_checkpoint(path) else load_policy(Path(path))
