@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from robopolicy.errors import SpecMismatchError
 from robopolicy.spec import FeatureSpec
 
 
@@ -30,6 +31,8 @@ class PolicyConfig:
     """Fields every policy config has; families subclass it with their own."""
 
     type: ClassVar[str] = ""
+    #: ``robopolicy train`` steps when ``--steps`` is not given.
+    train_steps: ClassVar[int] = 4000
     n_obs_steps: int = 2
     horizon: int = 16
     n_action_steps: int = 8
@@ -48,6 +51,19 @@ class Policy(nn.Module):
     @property
     def type(self) -> str:
         return self.config.type
+
+    def setup_new(self) -> None:
+        """One-time set-up of a freshly made policy (e.g. caching instruction embeddings); not run on load."""
+
+    def language_info(self) -> dict[str, Any] | None:
+        """What an export needs to map task strings onto the policy's language input (``None``: no language)."""
+        return None
+
+    def check_chunk(self, what: str, x: torch.Tensor) -> None:
+        """Raise :class:`SpecMismatchError` unless ``x`` is ``[B, Tp, Da]``."""
+        tp, da = self.config.horizon, self.spec.action.dim
+        if x.dim() != 3 or tuple(x.shape[1:]) != (tp, da):
+            raise SpecMismatchError(f"{what} has shape {tuple(x.shape)}, the policy expects [B, {tp}, {da}]")
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

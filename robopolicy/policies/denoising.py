@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from robopolicy.errors import RobopolicyError, SpecMismatchError
+from robopolicy.errors import RobopolicyError
 from robopolicy.policies.base import Policy, PolicyConfig
 from robopolicy.policies.encoders import ObservationEncoder
 from robopolicy.policies.normalize import Normalizer
@@ -83,6 +83,15 @@ def fill_padded(actions: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
     return actions.gather(1, index.unsqueeze(-1).expand_as(actions))
 
 
+def chunk_loss(error: torch.Tensor, is_pad: torch.Tensor | None) -> torch.Tensor:
+    """Mean square of ``error [B, Tp, Da]`` over the steps that are not padding (``is_pad [B, Tp]``)."""
+    squared = error.square()
+    if is_pad is None:
+        return squared.mean()
+    weight = (~is_pad).unsqueeze(-1).to(squared.dtype)  # [B, Tp, 1]
+    return (squared * weight).sum() / (weight.sum() * squared.shape[-1]).clamp_min(1.0)
+
+
 class DenoisingPolicy(Policy):
     """Observation encoder + FiLM U-Net over action chunks; families add the generative process."""
 
@@ -120,12 +129,6 @@ class DenoisingPolicy(Policy):
         raise NotImplementedError
 
     # -- the Policy interface ------------------------------------------------------------
-    def check_chunk(self, what: str, x: torch.Tensor) -> None:
-        """Raise :class:`SpecMismatchError` unless ``x`` is ``[B, Tp, Da]``."""
-        tp, da = self.config.horizon, self.spec.action.dim
-        if x.dim() != 3 or tuple(x.shape[1:]) != (tp, da):
-            raise SpecMismatchError(f"{what} has shape {tuple(x.shape)}, the policy expects [B, {tp}, {da}]")
-
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         self.encoder.check(batch)
         self.check_chunk("'action'", batch[ACTION])
@@ -137,12 +140,7 @@ class DenoisingPolicy(Policy):
         noise = torch.randn_like(actions)
         pair = self.training_pair(actions, noise)
         film = self.unet.condition(self.encoder(batch)) + self.unet.time_film(pair.time)
-        error = (self.unet(pair.x_t, film) - pair.target).square()
-        if is_pad is None:
-            loss = error.mean()
-        else:
-            weight = (~is_pad).unsqueeze(1).to(error.dtype)  # [B, 1, Tp]
-            loss = (error * weight).sum() / (weight.sum() * error.shape[1]).clamp_min(1.0)
+        loss = chunk_loss((self.unet(pair.x_t, film) - pair.target).transpose(1, 2), is_pad)
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()

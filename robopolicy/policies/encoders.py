@@ -40,6 +40,16 @@ def mlp(in_dim: int, dims: Sequence[int]) -> nn.Module:
     return nn.Sequential(*layers) if layers else nn.Identity()
 
 
+def check_observation(obs: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise :class:`SpecMismatchError` naming the key unless ``obs[key]`` is ``[B, *shapes[key]]`` for every key."""
+    for key, shape in shapes.items():
+        if key not in obs:
+            raise SpecMismatchError(f"observation {key!r} is missing (the policy needs: {', '.join(shapes)})")
+        if tuple(obs[key].shape[1:]) != shape:
+            expected = ", ".join(map(str, ("B", *shape)))
+            raise SpecMismatchError(f"observation {key!r} has shape {tuple(obs[key].shape)}, the policy expects [{expected}]")
+
+
 class ResBlock2d(nn.Module):
     """Basic ResNet block (two 3x3 convs) with GroupNorm; strided 1x1 projection on the skip."""
 
@@ -76,34 +86,18 @@ class SpatialSoftmax(nn.Module):
         return (attention @ self.grid).flatten(1)
 
 
-class ImageEncoder(nn.Module):
-    """One camera: uint8 ``[N, H, W, 3]`` -> features ``[N, out_dim]``."""
+class RandomCrop(nn.Module):
+    """Crop ``[N, H, W, C]`` images to ``crop_ratio``: a random crop per image in training, the
+    center crop in eval (static slicing, so the eval graph exports without data-dependent ops)."""
 
-    def __init__(
-        self, image_shape: Sequence[int], channels: Sequence[int], keypoints: int, out_dim: int, crop_ratio: float
-    ) -> None:
+    def __init__(self, height: int, width: int, crop_ratio: float) -> None:
         super().__init__()
-        height, width, _ = image_shape
         self.crop_h = max(1, round(height * crop_ratio))
         self.crop_w = max(1, round(width * crop_ratio))
         self.top = (height - self.crop_h) // 2
         self.left = (width - self.crop_w) // 2
-        c_ins = [channels[0], *channels[:-1]]
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, channels[0], 3, 2, 1, bias=False),
-            nn.GroupNorm(group_count(channels[0]), channels[0]),
-            nn.ReLU(),
-            *(ResBlock2d(c_in, c, 1 if i == 0 else 2) for i, (c_in, c) in enumerate(zip(c_ins, channels))),
-            nn.Conv2d(channels[-1], keypoints, 1),
-        )
-        h, w = self.crop_h, self.crop_w
-        for _ in channels:  # the stem and every stage after the first halve the resolution
-            h, w = -(-h // 2), -(-w // 2)
-        self.keypoints = SpatialSoftmax(h, w)
-        self.out = nn.Linear(2 * keypoints, out_dim)
 
-    def crop(self, images: torch.Tensor) -> torch.Tensor:
-        """Random crop per image in training, the center crop in eval (static slicing)."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return images[:, self.top : self.top + self.crop_h, self.left : self.left + self.crop_w]
         n, height, width, _ = images.shape
@@ -114,9 +108,37 @@ class ImageEncoder(nn.Module):
         cols = left + torch.arange(self.crop_w, device=dev).view(1, 1, -1)
         return images[torch.arange(n, device=dev).view(-1, 1, 1), rows, cols]
 
+
+def to_float_chw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in ``[0, 1]``."""
+    return images.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+
+
+class ImageEncoder(nn.Module):
+    """One camera: uint8 ``[N, H, W, 3]`` -> features ``[N, out_dim]``."""
+
+    def __init__(
+        self, image_shape: Sequence[int], channels: Sequence[int], keypoints: int, out_dim: int, crop_ratio: float
+    ) -> None:
+        super().__init__()
+        height, width, _ = image_shape
+        self.crop = RandomCrop(height, width, crop_ratio)
+        c_ins = [channels[0], *channels[:-1]]
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, channels[0], 3, 2, 1, bias=False),
+            nn.GroupNorm(group_count(channels[0]), channels[0]),
+            nn.ReLU(),
+            *(ResBlock2d(c_in, c, 1 if i == 0 else 2) for i, (c_in, c) in enumerate(zip(c_ins, channels))),
+            nn.Conv2d(channels[-1], keypoints, 1),
+        )
+        h, w = self.crop.crop_h, self.crop.crop_w
+        for _ in channels:  # the stem and every stage after the first halve the resolution
+            h, w = -(-h // 2), -(-w // 2)
+        self.keypoints = SpatialSoftmax(h, w)
+        self.out = nn.Linear(2 * keypoints, out_dim)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.crop(images).permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        return self.out(self.keypoints(self.backbone(x)))
+        return self.out(self.keypoints(self.backbone(to_float_chw(self.crop(images)))))
 
 
 class ObservationEncoder(nn.Module):
@@ -151,14 +173,7 @@ class ObservationEncoder(nn.Module):
 
     def check(self, obs: dict[str, torch.Tensor]) -> None:
         """Raise :class:`SpecMismatchError` naming the key if an input lacks or has a wrong shape."""
-        for key, shape in self.shapes.items():
-            if key not in obs:
-                raise SpecMismatchError(f"observation {key!r} is missing (the policy needs: {', '.join(self.shapes)})")
-            if tuple(obs[key].shape[1:]) != shape:
-                expected = ", ".join(map(str, ("B", *shape)))
-                raise SpecMismatchError(
-                    f"observation {key!r} has shape {tuple(obs[key].shape)}, the policy expects [{expected}]"
-                )
+        check_observation(obs, self.shapes)
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts: list[torch.Tensor] = []

@@ -12,9 +12,10 @@ from robopolicy.errors import RobopolicyError, UnknownNameError
 from robopolicy.policies.base import Policy, PolicyConfig
 from robopolicy.policies.diffusion import DiffusionPolicy
 from robopolicy.policies.flow import FlowPolicy
+from robopolicy.policies.vla import VLAPolicy
 from robopolicy.spec import FeatureSpec
 
-POLICIES: dict[str, type[Policy]] = {cls.config_class.type: cls for cls in (DiffusionPolicy, FlowPolicy)}
+POLICIES: dict[str, type[Policy]] = {cls.config_class.type: cls for cls in (DiffusionPolicy, FlowPolicy, VLAPolicy)}
 
 
 def policy_families() -> list[str]:
@@ -71,7 +72,9 @@ def make_policy(type_name: str, spec: FeatureSpec, overrides: Mapping[str, Any] 
     """A fresh policy of ``type_name`` for ``spec`` (timing from the spec unless overridden)."""
     timing = {"n_obs_steps": spec.n_obs_steps, "horizon": spec.horizon, "n_action_steps": spec.n_action_steps}
     config = config_from_dict(type_name, {**timing, **(overrides or {})})
-    return policy_class(type_name)(config, spec)
+    policy = policy_class(type_name)(config, spec)
+    policy.setup_new()
+    return policy
 
 
 def _check_type(value: Any, tp: Any) -> Any:

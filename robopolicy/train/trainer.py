@@ -46,7 +46,7 @@ class TrainConfig:
     policy: str
     dataset: Path
     out: Path
-    steps: int = 4000
+    steps: int | None = None  # None: the policy family's default (its config's ``train_steps``)
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 1e-6
@@ -64,6 +64,10 @@ class TrainConfig:
     policy_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
+        if self.steps is None:
+            from robopolicy.policies.factory import policy_class
+
+            self.steps = policy_class(self.policy).config_class.train_steps
         for name in ("steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise RobopolicyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -6,6 +6,8 @@ data), so sampling integrates ``dx/dt = v(x, t)`` forward from noise with Euler 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from robopolicy.policies.denoising import DenoisingPolicy, TrainingPair
@@ -14,6 +16,29 @@ from robopolicy.spec import FeatureSpec
 
 # The U-Net's sinusoidal embedding is tuned for inputs spanning ~0..1000 (diffusion steps).
 TIME_SCALE = 1000.0
+
+
+def draw_flow_time(kind: str, n: int, device: torch.device) -> torch.Tensor:
+    """Training times ``t [n]`` in ``[0, 1]`` (see :class:`FlowConfig` for the ``kind`` of sampling)."""
+    if kind == "uniform":
+        return torch.rand(n, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, device=device))
+    noise_level = torch.distributions.Beta(1.5, 1.0).sample((n,)).to(device)
+    return 1.0 - (0.001 + 0.999 * noise_level)
+
+
+def flow_pair(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, velocity target)`` for per-sample times ``t [B]``: ``x_t = (1 - t) noise + t data``."""
+    return torch.lerp(noise, data, t.view(-1, *[1] * (data.dim() - 1))), data - noise
+
+
+def euler_integrate(x: torch.Tensor, velocity: Callable[[torch.Tensor, int], torch.Tensor], steps: int) -> torch.Tensor:
+    """Integrate ``dx/dt = velocity(x, k)`` from ``t = 0`` to 1 in ``steps`` Euler steps (step ``k`` at ``t = k / steps``)."""
+    dt = 1.0 / steps
+    for k in range(steps):
+        x = x.add(velocity(x, k), alpha=dt)
+    return x
 
 
 class FlowPolicy(DenoisingPolicy):
@@ -27,22 +52,11 @@ class FlowPolicy(DenoisingPolicy):
         steps = torch.arange(config.num_inference_steps) / config.num_inference_steps
         self.register_buffer("euler_time", steps * TIME_SCALE, persistent=False)
 
-    def draw_time(self, n: int, device: torch.device) -> torch.Tensor:
-        """Training times ``t [n]`` in ``[0, 1]`` by ``config.time_sampling``."""
-        if self.config.time_sampling == "uniform":
-            return torch.rand(n, device=device)
-        if self.config.time_sampling == "logit_normal":
-            return torch.sigmoid(torch.randn(n, device=device))
-        noise_level = torch.distributions.Beta(1.5, 1.0).sample((n,)).to(device)
-        return 1.0 - (0.001 + 0.999 * noise_level)
-
     def training_pair(self, actions: torch.Tensor, noise: torch.Tensor) -> TrainingPair:
-        t = self.draw_time(actions.shape[0], actions.device)
-        return TrainingPair(torch.lerp(noise, actions, t.view(-1, 1, 1)), t * TIME_SCALE, actions - noise)
+        t = draw_flow_time(self.config.time_sampling, actions.shape[0], actions.device)
+        x_t, target = flow_pair(actions, noise, t)
+        return TrainingPair(x_t, t * TIME_SCALE, target)
 
     def sample(self, x: torch.Tensor, obs_film: torch.Tensor) -> torch.Tensor:
         time_film = self.unet.time_film(self.euler_time)  # [K, F], once for all steps
-        dt = 1.0 / self.config.num_inference_steps
-        for k in range(self.config.num_inference_steps):
-            x = x.add(self.unet(x, obs_film + time_film[k]), alpha=dt)
-        return x
+        return euler_integrate(x, lambda x_k, k: self.unet(x_k, obs_film + time_film[k]), self.config.num_inference_steps)
