@@ -26,8 +26,11 @@ RESULTS: dict[str, dict[str, Any]] = {
                  "final_eval_success": 0.6, "env_steps_per_s": 38.5,
                  "artifacts": {"rl_curve.png": "run/learning_curve.png"}},
     "eval_rl": {**EVAL, "successes": 10, "success_rate": 1.0, "ci95": [0.72, 1.0]},
-    "export": {"parity_max_abs_diff": 1.5e-6, "parity_tolerance": 1e-4, "model_bytes": 18_000_000,
-               "latency_ms": {"torch_eager": {"p50": 97.0, "p99": 150.0}, "onnxruntime": {"p50": 35.2, "p99": 48.9}}},
+    "export": {"parity_max_abs_diff": 1.5e-6, "parity_tolerance": 1e-4, "correction_parity_max_abs_diff": 7e-8,
+               "model_bytes": 18_000_000,
+               "latency_ms": {"torch_eager": {"p50": 97.0, "p99": 150.0}, "onnxruntime": {"p50": 35.2, "p99": 48.9}},
+               "correction_latency_ms": {"torch_eager": {"p50": 0.1, "p99": 4.2},
+                                         "onnxruntime": {"p50": 0.021, "p99": 0.046}}},
     "eval_export": {**EVAL, "artifacts": {"rollout.mp4": "rollouts.mp4"}},
     "deploy": {"success_rate": 0.5, "successes": 1, "episodes": 2, "ci95": [0.09, 0.91], "domain_id": 42,
                "control_rate_hz": 50.0, "cycles": 500, "period_jitter_ms": 0.61, "missed_control_deadlines": 0,
@@ -82,7 +85,8 @@ def test_first_run_runs_every_stage_and_writes_the_report(tmp_path: Path, capsys
     assert "| over ROS 2 (policy node + sim bridge) | 50% (1/2) | 9% - 91% | 2 |" in md
     assert "![residual RL learning curve](rl_curve.png)" in md and "[rollout.mp4](rollout.mp4)" in md
     out = capsys.readouterr().out
-    assert "| inference p50 / p99, ONNX Runtime | 35.2 / 48.9 ms |" in out
+    assert "| chunk inference p50 / p99, ONNX Runtime | 35.2 / 48.9 ms |" in out
+    assert "| per-step correction p50 / p99, ONNX Runtime | 0.021 / 0.046 ms |" in out
     assert out.rstrip().endswith(f"report: {report}")
 
 
@@ -172,7 +176,7 @@ def test_report_names_missing_artifacts_and_unknown_values(tmp_path: Path) -> No
     assert sorted(p.name for p in report.folder.iterdir()) == ["summary.json", "summary.md"]
     table = render(report.summary)
     assert "| over ROS 2 (policy node + sim bridge) | n/a (0/0) | 0% - 100% | 0 |" in table
-    assert "| inference p50 / p99, in the ROS 2 node | n/a / n/a ms |" in table
+    assert "| chunk inference p50 / p99, in the ROS 2 node | n/a / n/a ms |" in table
     assert "| residual RL fine-tuning | 1200 env steps in 10 s (38 env steps/s while training) |" in table
 
 

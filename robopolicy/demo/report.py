@@ -56,10 +56,13 @@ def summarize(cfg: DemoConfig, markers: dict[str, dict[str, Any]], seconds: floa
                         "final_loss": r["train"]["final_loss"]},
         "finetuning": {"env_steps": r["finetune"]["env_steps"], "seconds": stage_s["finetune"],
                        "env_steps_per_s": r["finetune"]["env_steps_per_s"]},
-        "export": {"parity_max_abs_diff": export["parity_max_abs_diff"], "parity_tolerance": export["parity_tolerance"]},
+        "export": {"parity_max_abs_diff": export["parity_max_abs_diff"], "parity_tolerance": export["parity_tolerance"],
+                   "correction_parity_max_abs_diff": export["correction_parity_max_abs_diff"]},
         "inference_latency_ms": {"torch_eager": _p(export["latency_ms"]["torch_eager"]),
                                  "onnxruntime": _p(export["latency_ms"]["onnxruntime"]),
-                                 "ros_node": _p(deploy["inference_ms"])},
+                                 "ros_node": _p(deploy["inference_ms"]),
+                                 "correction_torch_eager": _p(export["correction_latency_ms"]["torch_eager"]),
+                                 "correction_onnxruntime": _p(export["correction_latency_ms"]["onnxruntime"])},
         "control_loop": {"rate_hz": deploy["control_rate_hz"], "obs_to_command_ms": _p(deploy["obs_to_command_ms"]),
                          "period_jitter_ms": deploy["period_jitter_ms"],
                          "missed_deadlines": deploy["missed_control_deadlines"]},
@@ -73,8 +76,8 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
-def _ms(d: dict[str, float]) -> str:
-    return " / ".join("n/a" if d[k] is None or math.isnan(d[k]) else f"{d[k]:.1f}" for k in ("p50", "p99")) + " ms"
+def _ms(d: dict[str, float], digits: int = 1) -> str:
+    return " / ".join("n/a" if d[k] is None or math.isnan(d[k]) else f"{d[k]:.{digits}f}" for k in ("p50", "p99")) + " ms"
 
 
 def _duration(s: float) -> str:
@@ -94,10 +97,14 @@ def render(summary: dict[str, Any]) -> str:
         ("BC training (diffusion)", f"{bc['steps']} steps in {_duration(bc['seconds'])}"),
         ("residual RL fine-tuning", f"{ft['env_steps']} env steps in {_duration(ft['seconds'])} "
                                     f"({ft['env_steps_per_s']:.0f} env steps/s while training)"),
-        ("export parity, max abs diff vs torch", f"{ex['parity_max_abs_diff']:.1e} (tolerance {ex['parity_tolerance']:.0e})"),
-        ("inference p50 / p99, torch eager", _ms(lat["torch_eager"])),
-        ("inference p50 / p99, ONNX Runtime", _ms(lat["onnxruntime"])),
-        ("inference p50 / p99, in the ROS 2 node", _ms(lat["ros_node"])),
+        ("export parity, max abs diff vs torch", f"chunk {ex['parity_max_abs_diff']:.1e}, correction "
+                                                 f"{ex['correction_parity_max_abs_diff']:.1e} "
+                                                 f"(tolerance {ex['parity_tolerance']:.0e})"),
+        ("chunk inference p50 / p99, torch eager", _ms(lat["torch_eager"])),
+        ("chunk inference p50 / p99, ONNX Runtime", _ms(lat["onnxruntime"])),
+        ("chunk inference p50 / p99, in the ROS 2 node", _ms(lat["ros_node"])),
+        ("per-step correction p50 / p99, torch eager", _ms(lat["correction_torch_eager"], 3)),
+        ("per-step correction p50 / p99, ONNX Runtime", _ms(lat["correction_onnxruntime"], 3)),
         ("control loop obs-to-command p50 / p99", _ms(loop["obs_to_command_ms"])),
         (f"control period jitter (std) at {loop['rate_hz']:g} Hz",
          f"{loop['period_jitter_ms']:.2f} ms, {loop['missed_deadlines']} missed deadlines"),

@@ -98,7 +98,8 @@ def finetune_rl(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     s = finetune(ResidualArgs(
         checkpoint=cfg.folder("train") / RUN, env=cfg.env, out=folder / RUN, steps=b.rl_steps, num_envs=b.rl_envs,
         learning_starts=b.rl_learning_starts, actor_starts=b.rl_actor_starts, eval_every=b.rl_eval_every,
-        eval_episodes=b.rl_eval_episodes, eval_seed=EVAL_SEED, save_every=b.rl_steps))
+        eval_episodes=b.rl_eval_episodes, eval_seed=EVAL_SEED, save_every=b.rl_steps,
+        log_every=max(b.rl_steps // 30, 100)))
     return {"env_steps": s["env_steps"], "updates": s["updates"], "episodes": s["episodes"],
             "initial_eval_success": s["initial_eval_success"], "final_eval_success": s["final_eval_success"],
             "env_steps_per_s": s["throughput"]["env_steps_per_s"],
@@ -120,11 +121,15 @@ def export_onnx(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
         report = export_policy(checkpoint=cfg.folder("finetune") / RUN, out=folder / MODEL)
     print(report.summary())
     m = report.manifest
-    perf = m["performance"]
-    return {"parity_max_abs_diff": m["parity"]["max_abs_diff"], "parity_tolerance": m["parity"]["tolerance"],
-            "model_bytes": m["model"]["bytes"],
-            "latency_ms": {backend: {"p50": perf[backend]["p50_ms"], "p99": perf[backend]["p99_ms"]}
-                           for backend in ("torch_eager", "onnxruntime")}}
+    parity, perf = m["parity"], m["performance"]
+
+    def latency(timings: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {b: {"p50": timings[b]["p50_ms"], "p99": timings[b]["p99_ms"]} for b in ("torch_eager", "onnxruntime")}
+
+    return {"parity_max_abs_diff": parity["max_abs_diff"], "parity_tolerance": parity["tolerance"],
+            "correction_parity_max_abs_diff": parity["correction"]["max_abs_diff"],
+            "model_bytes": m["model"]["bytes"], "latency_ms": latency(perf),
+            "correction_latency_ms": latency(perf["correction"])}
 
 
 def eval_export(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
