@@ -5,7 +5,11 @@ normalization, observation encoder, the whole few-step sampler (DDIM or Euler, u
 with everything that depends only on the fixed timesteps constant-folded), clipping and
 unnormalization. Inputs are named by feature (``observation.state``, ...,
 ``observation.images.<cam>`` uint8) plus ``noise`` ``[1, Tp, Da]``; the output is ``action``
-``[1, Ta, Da]``. Shapes are static with batch 1 (what a robot runs).
+``[1, Ta, Da]``. Shapes are static with batch 1 (what a robot runs). A language-conditioned
+policy (VLA) also takes ``observation.language`` ``[1, E]``, the instruction's embedding: the
+text encoder stays out of the graph, and the manifest's ``"language"`` section holds the
+embedding of every training instruction, which :func:`~robopolicy.export.load_policy` looks
+up from the task string.
 
 Steps: trace ``predict_chunk`` (TorchScript exporter by default: 5 s against 58 s for the
 dynamo exporter on the default policy, the same graph after simplification, the same
@@ -43,7 +47,7 @@ from robopolicy.export.runtime import (
     graph_inputs, graph_outputs, load_policy, sample_observation, session_options, sha256_file,
 )
 from robopolicy.policies.base import Policy
-from robopolicy.spec import ACTION, LANGUAGE, FeatureSpec
+from robopolicy.spec import ACTION, FeatureSpec
 from robopolicy.train.checkpoint import POLICY_META, POLICY_WEIGHTS, resolve_checkpoint
 from robopolicy.train.checkpoint import load_policy as load_checkpoint
 
@@ -131,8 +135,6 @@ def export_policy(
     opset = opset or DEFAULT_OPSET[exporter]
     ckpt = resolve_checkpoint(Path(checkpoint))
     policy = load_checkpoint(ckpt)
-    if LANGUAGE in policy.spec.features:
-        raise ExportError(f"{ckpt}: the policy takes {LANGUAGE!r}, which the ONNX export does not support yet")
     out = Path(out)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +251,8 @@ def _manifest(
             "n_action_steps": spec.n_action_steps,
         },
         "spec": spec.to_dict(),
+        # A language-conditioned policy: the instruction -> embedding table the runtime maps task strings with.
+        **({"language": language} if (language := getattr(policy, "base", policy).language_info()) else {}),
         "action_limits": {
             "names": action.names,
             "dataset_min": action.stats.min if action.stats else None,

@@ -29,7 +29,7 @@ import numpy as np
 
 from robopolicy.errors import RobopolicyError, UnknownNameError
 from robopolicy.export.errors import ModelFileError, ObservationError
-from robopolicy.spec import ACTION, FeatureSpec
+from robopolicy.spec import ACTION, LANGUAGE, FeatureSpec, check_instruction
 
 MODEL_FILE = "policy.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -57,11 +57,14 @@ class TensorSig:
 
 
 def graph_inputs(spec: FeatureSpec) -> list[TensorSig]:
-    """The graph inputs of a policy: each observation feature ``[1, To, ...]`` in spec order, then the noise."""
+    """The graph inputs of a policy: each observation feature ``[1, To, ...]`` in spec order, the
+    instruction embedding ``[1, E]`` of a language-conditioned policy, then the noise."""
     sigs = [
         TensorSig(f.name, (1, spec.n_obs_steps, *f.shape), "uint8" if f.kind == "image" else "float32")
         for f in spec.state_features + spec.image_features
     ]
+    if spec.language is not None:
+        sigs.append(TensorSig(LANGUAGE, (1, *spec.language.shape), "float32"))
     return [*sigs, TensorSig(NOISE, (1, spec.horizon, spec.action.dim), "float32")]
 
 
@@ -130,13 +133,30 @@ class ExportedPolicy:
         self.inputs = [TensorSig.from_dict(d) for d in manifest["inputs"]]
         self._run = run
         self._rng = np.random.default_rng(seed)
+        #: Instruction -> embedding ``[E]`` (manifest section ``"language"``) of a language-conditioned policy.
+        self.instructions = {t: np.asarray(e, np.float32) for t, e in manifest.get("language", {}).get("instructions", {}).items()}
+        if self.spec.language is not None and not self.instructions:
+            raise ModelFileError(f"{folder / MANIFEST_FILE}: the policy takes {LANGUAGE!r} but the manifest has no "
+                                 "language.instructions (instruction embeddings); export again")
+
+    def _with_language(self, obs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``obs`` plus the cached embedding ``[1, E]`` of ``obs["task"]`` when the policy takes one and
+        ``obs`` lacks it; an empty or unknown instruction is an :class:`~robopolicy.errors.InstructionError`."""
+        if self.spec.language is None or LANGUAGE in obs:
+            return obs
+        task = obs.get("task")
+        if isinstance(task, (list, tuple)) and len(task) == 1:
+            task = task[0]
+        return {**obs, LANGUAGE: self.instructions[check_instruction(task, list(self.instructions))][None]}
 
     def predict_chunk(self, obs: Mapping[str, Any], noise: np.ndarray | None = None) -> np.ndarray:
-        """Raw observations ``{name: [1, To, ...]}`` (extra keys such as ``"task"`` are ignored) -> ``[1, Ta, Da]``.
+        """Raw observations ``{name: [1, To, ...]}`` -> ``[1, Ta, Da]``. A language-conditioned policy reads
+        ``"task"`` (the instruction, mapped to its cached embedding) unless ``observation.language`` is given.
 
         ``noise`` ``[1, Tp, Da]`` float32 is the sampler's start; drawn from this
         predictor's seeded generator when not given (the same seed gives the same chunks).
         """
+        obs = self._with_language(obs)
         feeds: dict[str, np.ndarray] = {}
         for sig in self.inputs[:-1]:
             if sig.name not in obs:
