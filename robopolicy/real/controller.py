@@ -29,11 +29,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from robopolicy.errors import InstructionError
 from robopolicy.real.observations import Frame, ObservationBuffer
 from robopolicy.real.safety import Decision, EStop, SafetyFilter, SafetyLimits, Watchdog
 from robopolicy.real.schedule import ActionSchedule, Chunk
 from robopolicy.real.telemetry import Telemetry
-from robopolicy.spec import FeatureSpec
+from robopolicy.spec import FeatureSpec, check_instruction
 
 #: How often an idle worker re-checks its stop flag (it is woken by every complete frame).
 WAKE_TIMEOUT_S = 0.1
@@ -61,7 +62,8 @@ class PolicyController:
     ) -> None:
         self.predictor = predictor
         self.spec: FeatureSpec = predictor.spec
-        self.horizon, self.task = horizon, task
+        self.horizon = horizon
+        self.task: str | None = task  # None: no valid instruction, hold
         self.buffer = ObservationBuffer(keys, self.spec.n_obs_steps, self.spec.fps, staleness_s)
         self.schedule = ActionSchedule(blend_s)
         self.watchdog = Watchdog(staleness_s)
@@ -81,6 +83,26 @@ class PolicyController:
     def observe(self, key: str, stamp: float, value: np.ndarray, arrival: float) -> str | None:
         """File one observation sample; returns why it was rejected, or ``None``."""
         return self.buffer.add(key, stamp, value, self._clock(), arrival)
+
+    def set_task(self, task: str) -> str | None:
+        """Switch the instruction live; returns why it was refused, else ``None``.
+
+        For a model trained on instructions (``spec.tasks``) an empty or unknown one is
+        refused: the plan is dropped and the controller holds (``waiting_for_policy``) until a
+        valid one arrives. A valid new one drops the old instruction's plan too, so the next
+        chunk follows it at once; a chunk still being inferred for the old one is discarded.
+        """
+        refused = None
+        if self.spec.tasks:
+            try:
+                check_instruction(task, self.spec.tasks)
+            except InstructionError as e:
+                task, refused = None, str(e)
+        with self._lock:
+            if task != self.task:
+                self.schedule.clear()
+            self.task = task
+        return refused
 
     def wake(self) -> None:
         """A frame is complete: let the worker check whether to infer (after the control cycle
@@ -144,7 +166,7 @@ class PolicyController:
         with self._lock:
             switch = self.schedule.plan_switch
         lead = LEAD_FACTOR * max(self._durations, default=0.0) + 1.0 / self.spec.fps
-        if switch is not None and switch - now > lead:
+        if self.task is None or (switch is not None and switch - now > lead):
             return None
         frame = self.buffer.frame(self.task)
         if frame is None or frame.stamp <= self._last_frame_stamp or now - frame.stamp > self.watchdog.staleness_s:
@@ -169,7 +191,7 @@ class PolicyController:
                 continue
             duration = time.perf_counter() - start
             self._durations.append(duration)
-            if not self._stop.is_set():
+            if not self._stop.is_set() and frame.obs["task"] == [self.task]:
                 self._install(Chunk(frame.stamp, actions, self.spec.fps, self.horizon), duration)
 
     def _check_chunk(self, actions: np.ndarray) -> np.ndarray:

@@ -235,8 +235,12 @@ class PolicyNode(LifecycleNode):
         self._accept(key, topic, stamp_to_s(msg.header.stamp), value, arrival)
 
     def _on_instruction(self, msg: String) -> None:
-        if self._ctrl is not None:
-            self._ctrl.task = msg.data
+        """Switch the instruction live; an empty or unknown one holds until a valid one arrives."""
+        if self._ctrl is None:
+            return
+        refused = self._ctrl.set_task(msg.data)
+        if refused is not None:
+            self._reject("instruction", f"{self._cfg.language_topic}: {refused}; holding until a valid instruction")
 
     def _accept(self, key: str, topic: str, stamp: float, value: np.ndarray, arrival: float) -> None:
         assert self._ctrl is not None
