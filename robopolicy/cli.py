@@ -136,6 +136,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 # ---- eval ------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
+    from robopolicy.spec import check_instruction
     from robopolicy.train.evaluate import EvalConfig, evaluate
 
     if bool(args.checkpoint) == bool(args.model):
@@ -146,6 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # stall badly whenever another process holds a core (p99 went from ~40 ms to seconds).
     torch.set_num_threads(args.threads)
     predictor, source = _load_predictor(args)
+    if args.instruction is not None and (predictor.spec.tasks or not args.instruction.strip()):
+        check_instruction(args.instruction, predictor.spec.tasks)
     env = args.env or _default_env(predictor)
     cfg = EvalConfig(env=env, episodes=args.episodes, seed=args.seed, randomize=args.randomize,
                      ensemble=args.ensemble, video=Path(args.video) if args.video else None,
