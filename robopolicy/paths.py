@@ -8,7 +8,7 @@ SIM_ASSETS = Path(os.environ.get("ROBOPOLICY_SIM_ASSETS", REPO_ROOT / "sim"))
 REAL_PACKAGE = REPO_ROOT / "real"
 
 #: ROS 2 node parameter files in real/config for the envs that have one.
-DEPLOY_PARAMS = {"lift": "panda.yaml", "push": "push.yaml"}
+DEPLOY_PARAMS = {"lift": "panda.yaml", "push": "push.yaml", "multitask": "multitask.yaml"}
 
 
 def deploy_params(env: str) -> Path | None:

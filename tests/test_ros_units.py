@@ -205,7 +205,7 @@ def test_invalid_parameters_are_refused(changes: dict[str, object], expected: st
 
 
 # ---- parameter files ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["push.yaml", "panda.yaml"])
+@pytest.mark.parametrize("name", ["push.yaml", "panda.yaml", "multitask.yaml"])
 def test_shipped_parameter_files_are_valid(name: str) -> None:
     applied = check_params_file(CONFIG / name)
     assert applied[POLICY.name]["observation.state.topic"] == "/joint_states"
