@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up (idempotent), then run the whole pipeline on the default task.
-#   scripts/demo.sh [--quick] [--fresh]
+#   scripts/demo.sh [--quick] [--fresh] [--stage NAME] [--out DIR]   (report: outputs/demo/report)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
