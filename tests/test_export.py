@@ -120,6 +120,7 @@ def test_backends_agree_and_noise_is_deterministic(exports) -> None:
     np.testing.assert_array_equal(onnx_policy.predict_chunk(obs, noise), onnx_policy.predict_chunk(obs, noise))
     assert not np.array_equal(onnx_policy.predict_chunk(obs), chunk)  # the generator moves on
     assert onnx_policy.source_env == "push" and onnx_policy.manifest["policy"]["type"] == "flow"
+    assert not hasattr(onnx_policy, "correct_action")  # no residual: the executor runs the chunks as they are
 
 
 # -- observation checks ------------------------------------------------------------------------
@@ -269,3 +270,129 @@ def test_cpu_rewrites_keep_the_function(tmp_path) -> None:
     feeds = {"x": x.numpy(), "film": film.numpy()}
     np.testing.assert_allclose(_run(rewritten, feeds), _run(simplified, feeds), atol=1e-5)
     assert graph_ops.count_flops(simplified) == 2 * (3 * 8 * 5 * 8 + 8 * 8 * 3 * 4 + 8 * 8 * 4 * 4 + 8 * 8 * 8)
+
+
+# -- residual-RL policies: base chunk graph + per-step correction graph ----------------------------
+def make_residual_checkpoint(folder: Path, scale: float = 0.3) -> tuple[Path, torch.nn.Module]:
+    """A tiny diffusion base + a residual actor with a non-zero last layer, saved as a fine-tuning checkpoint."""
+    from robopolicy.rl.policy import make_residual_policy
+
+    torch.manual_seed(0)
+    base = make_policy("diffusion", make_spec(False), TINY).eval()
+    policy = make_residual_policy(base, scale, (16, 16), (-0.4, -1.0), (0.4, 1.0)).eval()
+    torch.nn.init.normal_(policy.actor.net[-1].weight, std=0.5)
+    save_policy(folder, policy, policy.state_dict(), {"env": "push", "step": 11})
+    return folder, policy
+
+
+@pytest.fixture(scope="module")
+def residual_export(tmp_path_factory, one_torch_thread) -> tuple[Path, torch.nn.Module]:
+    root = tmp_path_factory.mktemp("residual")
+    ckpt, policy = make_residual_checkpoint(root / "ckpt")
+    return export_policy(ckpt, root / "export", latency_runs=5).out, policy
+
+
+def step_observation(spec: FeatureSpec, seed: int = 2) -> dict[str, np.ndarray]:
+    """One current (unbatched) observation, as the evaluator and the ROS node pass it."""
+    return {k: v[0, -1] for k, v in observation(spec, seed).items()}
+
+
+def test_residual_export_has_both_graphs_checked_for_parity(residual_export) -> None:
+    folder, policy = residual_export
+    m = json.loads((folder / "manifest.json").read_text())
+    assert (folder / "policy.onnx").is_file() and (folder / "residual.onnx").is_file()
+    r = m["residual"]
+    assert r["inputs"] == [{"name": "observation.environment_state", "shape": [1, 4], "dtype": "float32"},
+                           {"name": "observation.state", "shape": [1, 3], "dtype": "float32"},
+                           {"name": "base_action", "shape": [1, 2], "dtype": "float32"}]
+    assert r["outputs"] == [{"name": "action", "shape": [1, 2], "dtype": "float32"}]
+    assert r["action_scale"] == pytest.approx(0.3) and r["action_high"] == pytest.approx([0.4, 1.0])
+    assert r["action_low"] == pytest.approx([-0.4, -1.0]) and r["base_type"] == "diffusion"
+    assert [i["name"] for i in m["inputs"]][-1] == "noise"  # the chunk graph is the base's, unchanged
+    assert m["policy"]["type"] == "residual" and m["policy"]["num_inference_steps"] == 3
+    assert m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["correction"]["max_abs_diff"] <= 1e-4
+    assert m["performance"]["correction"]["onnxruntime"]["p50_ms"] > 0
+    assert m["performance"]["correction"]["torch_eager"]["p50_ms"] > 0
+    model = onnx.load(str(folder / "residual.onnx"))
+    assert r["op_count"] == len(model.graph.node) and "Conv" not in r["op_histogram"]
+
+
+def test_exported_correction_matches_torch_on_every_backend(residual_export) -> None:
+    folder, policy = residual_export
+    exported, eager = load_policy(folder), load_policy(folder, backend="torch")
+    assert type(exported).__name__ == "ExportedResidualPolicy" and hasattr(eager, "correct_action")
+    rng = np.random.default_rng(4)
+    for seed in range(5):
+        obs = {**step_observation(exported.spec, seed), "task": "ignored"}
+        planned = rng.uniform([-0.6, -1.2], [0.6, 1.2]).astype(np.float32)  # some beyond the actor's bounds
+        with torch.inference_mode():
+            want = policy.correct_action({k: torch.from_numpy(v)[None] for k, v in obs.items() if k != "task"},
+                                         torch.from_numpy(planned)[None]).numpy()[0]
+        got = exported.correct_action(obs, planned)
+        assert got.shape == (2,) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(eager.correct_action(obs, planned), want, atol=1e-6)
+        low, high = np.float32([-0.4, -1.0]), np.float32([0.4, 1.0])
+        assert np.all(got >= low) and np.all(got <= high)
+        assert np.abs(got - np.clip(planned, low, high)).max() > 1e-3  # it does correct
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda o, a: o.pop("observation.state"), r"'observation.state' is missing"),
+        (lambda o, a: o.update({"observation.state": o["observation.state"][None]}),
+         r"'observation.state' has shape \(1, 3\); the policy expects \(3,\) \(one step"),
+        (lambda o, a: o.update({"observation.state": o["observation.state"].astype(np.float64)}),
+         r"'observation.state' has dtype float64; the policy expects float32"),
+        (lambda o, a: o["observation.state"].__setitem__(2, np.nan), r"'observation.state' contains NaN .*'z'"),
+        (lambda o, a: a.__setitem__(1, np.inf), r"planned action 'base_action' contains NaN or inf .*'vy'"),
+    ],
+)
+def test_bad_correction_inputs_are_named(residual_export, change, match: str) -> None:
+    policy = load_policy(residual_export[0])
+    obs, planned = step_observation(policy.spec), np.zeros(2, np.float32)
+    change(obs, planned)
+    with pytest.raises(ObservationError, match=match):
+        policy.correct_action(obs, planned)
+    with pytest.raises(ObservationError, match=r"planned action 'base_action' has dtype float64"):
+        policy.correct_action(step_observation(policy.spec), np.zeros(2))
+
+
+def test_residual_graph_that_does_not_match_its_manifest(residual_export, tmp_path, capsys) -> None:
+    from robopolicy.cli import main
+
+    folder = shutil.copytree(residual_export[0], tmp_path / "copy")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["residual"]["inputs"][1]["shape"] = [1, 5]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"inputs of residual.onnx .*observation.state \[1, 5\].* do not match its feature spec"):
+        load_policy(folder)
+    assert main(["eval", "--model", str(folder), "--env", "push", "--episodes", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "robopolicy eval: error:" in err[0] and "residual.onnx" in err[0]
+    manifest["residual"]["inputs"][1]["shape"] = [1, 3]
+    manifest["residual"]["outputs"][0]["name"] = "corrected"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"outputs of residual.onnx"):
+        load_policy(folder)
+    manifest["residual"]["outputs"][0]["name"] = "action"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "residual.onnx").write_bytes((folder / "residual.onnx").read_bytes()[:-10])
+    with pytest.raises(ModelFileError, match=r"residual.onnx does not match its manifest"):
+        load_policy(folder)
+    del manifest["residual"]["sha256"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"incomplete: it lacks residual.sha256"):
+        load_policy(folder)
+
+
+def test_fp16_residual_export_checks_both_paths(residual_export, tmp_path) -> None:
+    report = export_policy(residual_export[0].parent / "ckpt", tmp_path / "fp16", fp16=True, latency_runs=3)
+    m = report.manifest
+    assert m["model"]["precision"].startswith("fp16") and m["model"]["target"] == "portable"
+    assert m["parity"]["correction"]["max_abs_diff"] <= m["parity"]["tolerance"]
+    summary = report.summary()
+    assert "correction parity vs torch: max |diff|" in summary and "per-step correction: onnxruntime p50" in summary
+    policy = load_policy(report.out)
+    assert policy.correct_action(step_observation(policy.spec), np.zeros(2, np.float32)).dtype == np.float32

@@ -20,7 +20,7 @@ from robopolicy.rl.policy import make_residual_policy
 from robopolicy.rl.replay import ReplayBuffer, sample_mixed
 from robopolicy.rl.residual import ResidualAgent, build, load_demo_buffer
 from robopolicy.sim import make_env
-from robopolicy.train.checkpoint import POLICY_WEIGHTS, load_policy, load_tensors, resolve_checkpoint
+from robopolicy.train.checkpoint import POLICY_WEIGHTS, load_policy, load_tensors, resolve_checkpoint, save_policy
 from robopolicy.train.evaluate import ChunkExecutor, EvalConfig, TorchChunkPredictor, evaluate
 from robopolicy.train.trainer import TrainConfig, train
 
@@ -278,3 +278,36 @@ def test_residual_actor_exports_to_onnx_alone(base_run: Path, tmp_path: Path) ->
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"state": state.numpy(), "base_action": base.numpy()})
     np.testing.assert_allclose(got, actor(state, base).detach().numpy(), atol=1e-5)
+
+
+def test_evaluator_runs_the_exported_residual_like_torch(base_run: Path, tmp_path: Path, capsys) -> None:
+    """``robopolicy export`` of a fine-tuning, then the evaluator: ONNX Runtime (chunk + correction graphs)
+    and the export's torch backend take the same actions on a seeded episode, and the correction acts."""
+    from types import SimpleNamespace
+
+    from robopolicy.cli import main
+    from robopolicy.export import export_policy
+    from robopolicy.export import load_policy as load_export
+
+    policy = _residual(base_run)
+    torch.nn.init.normal_(policy.actor.net[-1].weight, std=0.5)
+    save_policy(tmp_path / "ft", policy, policy.state_dict(), {"env": "push"})
+    folder = export_policy(tmp_path / "ft", tmp_path / "export", latency_runs=2).out
+    exported = load_export(folder, seed=7)
+    plan = load_export(folder, seed=7)
+    executors = [ChunkExecutor(p) for p in (exported, load_export(folder, backend="torch", seed=7),
+                                            SimpleNamespace(spec=plan.spec, predict_chunk=plan.predict_chunk))]
+    env = make_env("push")
+    obs, info = env.reset(seed=0)
+    for e in executors:
+        e.reset()
+    corrected = 0
+    for _ in range(12):  # three chunks (Ta = 4)
+        onnx_action, torch_action, planned = (e.act(obs, info["task"]) for e in executors)
+        np.testing.assert_allclose(onnx_action, torch_action, atol=1e-4)
+        corrected += int(np.abs(onnx_action - np.clip(planned, -1, 1)).max() > 1e-3)
+        obs, *_, info = env.step(onnx_action)
+    env.close()
+    assert corrected >= 6
+    assert main(["eval", "--model", str(folder), "--episodes", "1", "--json", str(tmp_path / "eval.json")]) == 0
+    assert "env push: success" in capsys.readouterr().out

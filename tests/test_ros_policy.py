@@ -75,6 +75,21 @@ def tiny_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return export_policy(tiny_model, tmp_path_factory.mktemp("export") / "tiny_push", latency_runs=2).out
 
 
+@pytest.fixture(scope="module")
+def residual_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model fine-tuned with a residual that drives every action to the actor's upper
+    bound (1.5, -0.5), beyond the node's command limit 1.0 in the first dimension; exported."""
+    from robopolicy.export import export_policy
+    from robopolicy.rl.policy import make_residual_policy
+    from robopolicy.train.checkpoint import load_policy
+
+    policy = make_residual_policy(load_policy(tiny_model), 3.0, (8,), (-1.0, -1.0), (1.5, -0.5))
+    torch.nn.init.constant_(policy.actor.net[-1].bias, 10.0)  # tanh -> 1: base + 3, clipped to the bound
+    folder = tmp_path_factory.mktemp("residual")
+    save_policy(folder / "ckpt", policy, policy.state_dict(), {"env": "push"})
+    return export_policy(folder / "ckpt", folder / "export", latency_runs=2).out
+
+
 class Feeder:
     """A stand-in sensor: publishes the push observations at 10 Hz, with a switchable fault."""
 
@@ -300,6 +315,22 @@ def test_export_folder_runs_on_onnxruntime_and_its_manifest_is_checked(tiny_expo
         right.wait(lambda c: right.message() == "commanding" and right.value("chunks") >= 3, "commanding")
     finally:
         right.close()
+
+
+def test_residual_export_corrects_every_command_before_the_safety_layer(residual_export: Path) -> None:
+    rig = Rig(residual_export)
+    try:
+        rig.start()
+        rig.wait(lambda c: rig.message() == "commanding" and rig.value("chunks") >= 3
+                 and "recent.correction_ms_p99" in c.diagnostic_values(), "commanding with corrections")
+        commands = rig.commands_after(len(rig.client.commands), 10)
+        assert np.all(np.abs(commands) <= 1.0)  # the safety layer saw the corrected command: clamped
+        assert np.sum(np.all(commands == [1.0, -0.5], axis=1)) >= 8  # (a hold may ramp one or two)
+        values = rig.client.diagnostic_values()
+        assert rig.value("intervention.clamped") >= 10 and rig.value("correction_errors") == 0
+        assert 0.0 < float(values["recent.correction_ms_p99"]) < 20.0
+    finally:
+        rig.close()
 
 
 def test_estop_latches_until_reset(rig: Rig) -> None:

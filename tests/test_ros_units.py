@@ -15,7 +15,9 @@ from robopolicy.real import messages
 from robopolicy.real.config import POLICY_PARAMS, PolicyNodeConfig
 from robopolicy.real.messages import CommandCodec, JointStateReader, MessageError, image_to_array, array_to_image
 from robopolicy.real.nodes import POLICY, SIM_BRIDGE, check_params_file
+from robopolicy.real.controller import PolicyController
 from robopolicy.real.observations import FUTURE_STAMP, NON_FINITE_OBSERVATION, STALE_STAMP, ObservationBuffer
+from robopolicy.real.safety import CLAMPED, NON_FINITE_ACTION, STALE_OBSERVATION, EStop, SafetyLimits
 from robopolicy.real.schedule import ActionSchedule, Chunk, ControlClock
 from robopolicy.spec import ACTION, ENV_STATE, STATE, Feature, FeatureSpec, Stats
 
@@ -129,6 +131,60 @@ def test_history_pads_with_the_oldest_sample_and_rejects_bad_samples() -> None:
     assert buf.add(STATE, 4.95, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == STALE_STAMP  # out of order
     assert dict(buf.rejected) == {STALE_STAMP: 2, FUTURE_STAMP: 1, NON_FINITE_OBSERVATION: 1}
     assert buf.observation_time() == 5.0
+
+
+# ---- the per-step correction in the control cycle ----------------------------------------------
+class CorrectingPredictor:
+    """Constant chunks of 0.2 and a scripted ``correct_action`` that records what it was given."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self.correction = lambda action: action + 5.0  # far beyond the command limits
+        self.seen: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+
+    def predict_chunk(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.full((1, self.spec.n_action_steps, self.spec.action.dim), 0.2, np.float32)
+
+    def correct_action(self, obs: dict[str, np.ndarray], action: np.ndarray) -> np.ndarray:
+        self.seen.append((obs, action))
+        return self.correction(action)
+
+
+def test_the_correction_applies_to_the_scheduled_action_before_the_safety_layer() -> None:
+    predictor, logs = CorrectingPredictor(push_spec()), []
+    limits = SafetyLimits(np.array([-1.0, -1.0]), np.array([1.0, 1.0]), np.array([np.inf, np.inf]))
+    ctrl = PolicyController(predictor, [ENV_STATE, STATE], horizon=6, blend_s=0.0, staleness_s=0.5, limits=limits,
+                            estop=EStop(), task="push", clock=lambda: 100.0, log=logs.append)
+    assert ctrl.corrects
+    ctrl.warm_up()
+    assert len(predictor.seen) == 2  # warmed up (and checked) at configure, like the chunk inference
+    state = np.arange(4, dtype=np.float32)
+    ctrl.observe(ENV_STATE, 99.98, np.ones(6, np.float32), arrival=0.0)
+    ctrl.observe(STATE, 99.98, state, arrival=0.0)
+    ctrl.observe(STATE, 100.0, state + 1, arrival=0.1)
+    ctrl.schedule.install(Chunk(100.0, np.full((8, 2), 0.2), 10.0, 6), now=100.0)
+
+    cycle = ctrl.cycle(100.01)  # the correction pushes the command beyond the limits: clamped
+    assert cycle.decision.command.tolist() == [1.0, 1.0] and cycle.decision.reasons == (CLAMPED,)
+    obs, planned = predictor.seen[-1]
+    np.testing.assert_array_equal(obs[STATE], state + 1)  # the newest observation
+    assert set(obs) == {STATE, ENV_STATE} and planned.dtype == np.float32 and np.allclose(planned, 0.2)
+    assert cycle.correction_ms > 0
+
+    predictor.correction = lambda action: np.full_like(action, np.nan)
+    assert ctrl.cycle(100.02).decision.reasons == (NON_FINITE_ACTION,)  # hold (zero)
+    predictor.correction = lambda action: 1 / 0
+    decision = ctrl.cycle(100.03).decision
+    assert decision.reasons == (NON_FINITE_ACTION,) and decision.command.tolist() == [0.0, 0.0]
+    assert ctrl.correction_errors == 1 and "correction failed: division by zero" in ctrl.last_error and logs
+    predictor.correction = lambda action: action[:1]  # wrong shape: held, never reshaped
+    assert ctrl.cycle(100.04).decision.reasons == (NON_FINITE_ACTION,) and ctrl.correction_errors == 2
+    assert ctrl.safety.counts[NON_FINITE_ACTION] == 3
+
+    calls = len(predictor.seen)
+    cycle = ctrl.cycle(101.0)  # stale observation: the watchdog holds, nothing is corrected
+    assert cycle.decision.reasons == (STALE_OBSERVATION,) and len(predictor.seen) == calls
+    assert np.isnan(cycle.correction_ms)
 
 
 # ---- parameters vs the model -------------------------------------------------------------------

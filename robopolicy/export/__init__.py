@@ -3,7 +3,9 @@
 * :func:`export_policy` (``robopolicy export``): checkpoint -> ``policy.onnx`` + ``manifest.json``
   (+ ``checkpoint/`` copy, + ``tensorrt/`` engine cache), parity-checked and timed.
 * :func:`load_policy` (``robopolicy eval --model``, the ROS node): an export folder ->
-  :class:`ExportedPolicy` with ``spec``, ``manifest``, ``source_env`` and ``predict_chunk``.
+  :class:`ExportedPolicy` with ``spec``, ``manifest``, ``source_env`` and ``predict_chunk``;
+  for a residual-RL fine-tuning an :class:`ExportedResidualPolicy`, which adds the per-step
+  ``correct_action``.
 
 ``export_policy`` is imported on first use: loading and running an export needs neither
 torch nor onnxscript (unless ``backend="torch"``).
@@ -14,13 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from robopolicy.export.errors import ExportError, ModelFileError, ObservationError, TensorRTUnavailableError
-from robopolicy.export.runtime import BACKENDS, ExportedPolicy, load_policy
+from robopolicy.export.runtime import BACKENDS, ExportedPolicy, ExportedResidualPolicy, load_policy
 
 if TYPE_CHECKING:
     from robopolicy.export.onnx_export import ExportReport, export_policy
 
 __all__ = [
-    "BACKENDS", "ExportError", "ExportReport", "ExportedPolicy", "ModelFileError", "ObservationError",
+    "BACKENDS", "ExportError", "ExportReport", "ExportedPolicy", "ExportedResidualPolicy", "ModelFileError",
+    "ObservationError",
     "TensorRTUnavailableError", "export_policy", "load_policy",
 ]
 

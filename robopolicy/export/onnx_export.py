@@ -11,6 +11,15 @@ text encoder stays out of the graph, and the manifest's ``"language"`` section h
 embedding of every training instruction, which :func:`~robopolicy.export.load_policy` looks
 up from the task string.
 
+A residual-RL fine-tuning (``robopolicy finetune``) exports as two graphs in the same folder:
+``policy.onnx`` is its frozen base's chunk graph (above), ``residual.onnx`` the per-step
+correction ``(each low-dim feature [1, D], base_action [1, Da]) -> action [1, Da]`` that
+runs every control step on the newest observation and the planned action; the manifest's
+``"residual"`` section describes it (inputs / outputs, action scale and bounds), and the
+parity check and latency report cover both. Why two graphs and not one: ONNX Runtime runs
+every node of a graph whatever outputs are requested (measured: docs/ARCHITECTURE.md), so a
+combined graph would run the whole sampler for each per-step correction.
+
 Steps: trace ``predict_chunk`` (TorchScript exporter by default: 5 s against 58 s for the
 dynamo exporter on the default policy, the same graph after simplification, the same
 ~1e-6 parity), simplify with ONNX Runtime's portable basic passes, then either the CPU
@@ -43,13 +52,14 @@ from robopolicy.export import latency
 from robopolicy.export import tensorrt as trt
 from robopolicy.export.errors import ExportError
 from robopolicy.export.runtime import (
-    CHECKPOINT_DIR, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, NOISE, TENSORRT_DIR,
-    graph_inputs, graph_outputs, load_policy, sample_observation, session_options, sha256_file,
+    CHECKPOINT_DIR, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, NOISE, RESIDUAL, RESIDUAL_FILE, TENSORRT_DIR,
+    correction_inputs, correction_outputs, graph_inputs, graph_outputs, load_policy, sample_correction_feeds,
+    sample_observation, session_options, sha256_file, torch_correction_args,
 )
 from robopolicy.policies.base import Policy
+from robopolicy.rl.policy import ResidualPolicy, load_trained_policy
 from robopolicy.spec import ACTION, FeatureSpec
 from robopolicy.train.checkpoint import POLICY_META, POLICY_WEIGHTS, resolve_checkpoint
-from robopolicy.train.checkpoint import load_policy as load_checkpoint
 
 #: Default opset per exporter (the dynamo exporter emits opset 18 natively).
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
@@ -59,6 +69,8 @@ DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 PARITY_TOLERANCE = 1e-4
 PARITY_TOLERANCE_RELAXED = 2e-2
 PARITY_SAMPLES = 3
+#: The per-step correction is cheap: check it on more samples.
+CORRECTION_PARITY_SAMPLES = 32
 
 Exporter = Literal["torchscript", "dynamo"]
 
@@ -75,11 +87,25 @@ class ExportReport:
         m = self.manifest
         model, perf, parity = m["model"], m["performance"], m["parity"]
         ort_lat, torch_lat = perf["onnxruntime"], perf["torch_eager"]
+        residual = m.get(RESIDUAL)
+        what = f"{m['policy']['type']} policy ({m['policy']['num_inference_steps']} sampler steps"
         lines = [
-            f"exported {m['policy']['type']} policy ({m['policy']['num_inference_steps']} sampler steps) to {self.out / MODEL_FILE}",
+            f"exported {what}{' + per-step residual correction' if residual else ''}) to {self.out / MODEL_FILE}"
+            + (f" + {self.out / RESIDUAL_FILE}" if residual else ""),
             f"graph: {model['op_count']} ops ({model['op_count_ort_optimized']} after ONNX Runtime's optimizer), "
             f"{model['bytes'] / 1e6:.1f} MB, opset {model['opset']}, {model['precision']}, graph form: {model['target']}",
             f"parity vs torch: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}, {parity['samples']} samples)",
+        ]
+        if residual:
+            low, high = residual["action_low"], residual["action_high"]
+            box = f"[{low[0]:g}, {high[0]:g}]" if len(set(low)) == len(set(high)) == 1 else "per-dimension bounds"
+            lines += [
+                f"correction graph: {residual['op_count']} ops, {residual['bytes'] / 1e3:.0f} kB, action scale "
+                f"{residual['action_scale']:g}, clipped to {box}",
+                f"correction parity vs torch: max |diff| {parity['correction']['max_abs_diff']:.2e} "
+                f"({parity['correction']['samples']} samples)",
+            ]
+        lines += [
             f"{'backend':<22}{'p50 ms':>9}{'p99 ms':>9}",
             f"{'onnxruntime (' + str(ort_lat['threads']) + ' thr)':<22}{ort_lat['p50_ms']:>9.2f}{ort_lat['p99_ms']:>9.2f}",
             f"{'torch eager (' + str(torch_lat['threads']) + ' thr)':<22}{torch_lat['p50_ms']:>9.2f}{torch_lat['p99_ms']:>9.2f}",
@@ -89,6 +115,10 @@ class ExportReport:
             f"{perf['lower_bound_ms']['weight_streaming']:.2f} ms ({perf['weight_mb_per_chunk']:.0f} MB at "
             f"{perf['weight_stream_gbps']:.0f} GB/s)",
         ]
+        if residual:
+            lines.append("per-step correction: " + "; ".join(
+                f"{name.replace('_', ' ')} p50 {lat['p50_ms'] * 1e3:.0f} us, p99 {lat['p99_ms'] * 1e3:.0f} us"
+                for name, lat in perf["correction"].items()))
         if m.get("tensorrt"):
             trt_parity = m["tensorrt"]["parity"]["max_abs_diff"]
             lines.append(f"TensorRT engine cached in {self.out / m['tensorrt']['cache_dir']} (parity {trt_parity:.2e})")
@@ -105,6 +135,19 @@ class _ChunkGraph(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.policy.predict_chunk(dict(zip(self.keys, inputs[:-1])), inputs[-1])
+
+
+class _CorrectionGraph(torch.nn.Module):
+    """The residual actor with one input per low-dim feature ``[1, D]`` (spec order), then the base action."""
+
+    def __init__(self, policy: ResidualPolicy) -> None:
+        super().__init__()
+        self.actor = policy.actor
+        if self.actor.keys != [sig.name for sig in correction_inputs(policy.spec)[:-1]]:
+            raise ExportError(f"the residual actor reads {self.actor.keys}, not the spec's low-dim features in order")
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.actor(torch.cat(inputs[:-1], dim=-1), inputs[-1])
 
 
 def export_policy(
@@ -134,7 +177,8 @@ def export_policy(
         raise ExportError(f"unknown exporter {exporter!r}; expected one of: {', '.join(DEFAULT_OPSET)}")
     opset = opset or DEFAULT_OPSET[exporter]
     ckpt = resolve_checkpoint(Path(checkpoint))
-    policy = load_checkpoint(ckpt)
+    policy = load_trained_policy(ckpt)
+    residual = isinstance(policy, ResidualPolicy)
     out = Path(out)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,22 +189,33 @@ def export_policy(
         rng = np.random.default_rng(seed)
         example = {**sample_observation(policy.spec, rng), NOISE: rng.standard_normal(policy.noise_shape(1), dtype=np.float32)}
         target = "portable" if (portable or fp16 or tensorrt) else "cpu"
-        simplified = _export_graph(policy, example, stage, opset, exporter)
-        model = simplified if target == "portable" else graph_ops.optimize_for_cpu(simplified)
-        if fp16:
-            model = _to_fp16(model)
+        names = [sig.name for sig in graph_inputs(policy.spec)]
+        simplified = _export_graph(_ChunkGraph(policy), example, names, stage, opset, exporter)
+        model = _finish_graph(simplified, target, fp16)
         write_bytes_atomic(stage / MODEL_FILE, model.SerializeToString())
+        if residual:
+            step = sample_correction_feeds(policy.spec, rng)
+            names = [sig.name for sig in correction_inputs(policy.spec)]
+            correction = _finish_graph(_export_graph(_CorrectionGraph(policy), step, names, stage, opset, exporter),
+                                       target, fp16)
+            write_bytes_atomic(stage / RESIDUAL_FILE, correction.SerializeToString())
         (stage / CHECKPOINT_DIR).mkdir()
         for name in (POLICY_META, POLICY_WEIGHTS):
             shutil.copy2(ckpt / name, stage / CHECKPOINT_DIR / name)
         manifest = _manifest(policy, ckpt, stage, model, exporter, fp16, target)
+        if residual:
+            manifest[RESIDUAL] = _residual_manifest(policy, stage, correction)
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         manifest["parity"] = _parity(policy, stage, "onnxruntime", _tolerance(policy, relaxed=fp16), rng)
         manifest["performance"], manifest["model"]["op_count_ort_optimized"] = _performance(
             policy, stage, simplified, example, threads, latency_runs
         )
+        if residual:
+            manifest["performance"]["correction"] = _correction_latency(policy, stage, step, threads, latency_runs)
         if tensorrt:
             manifest["tensorrt"] = trt.build_engine(stage / MODEL_FILE, stage / TENSORRT_DIR, fp16, example)
+            if residual:  # its own engine, in the same cache (ONNX Runtime keys engines by graph)
+                manifest["tensorrt"]["correction"] = trt.build_engine(stage / RESIDUAL_FILE, stage / TENSORRT_DIR, fp16, step)
             write_json_atomic(stage / MANIFEST_FILE, manifest)
             manifest["tensorrt"]["parity"] = _parity(policy, stage, "tensorrt", _tolerance(policy, relaxed=True), rng)
         write_json_atomic(stage / MANIFEST_FILE, manifest)
@@ -176,13 +231,14 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _export_graph(
-    policy: Policy, example: dict[str, np.ndarray], stage: Path, opset: int, exporter: Exporter
+    module: torch.nn.Module, example: dict[str, np.ndarray], names: list[str], stage: Path, opset: int,
+    exporter: Exporter,
 ) -> onnx.ModelProto:
-    """Trace ``predict_chunk`` into ONNX and simplify it (constant folding: everything that depends
-    only on the fixed sampler timesteps, e.g. the step embeddings and their FiLM projections)."""
-    module = _ChunkGraph(policy).eval()
-    args = tuple(torch.from_numpy(example[sig.name]) for sig in graph_inputs(policy.spec))
-    names = [sig.name for sig in graph_inputs(policy.spec)]
+    """Trace ``module`` (positional inputs ``names``, one output ``action``) into ONNX and simplify it
+    (constant folding: for the chunk graph, everything that depends only on the fixed sampler
+    timesteps, e.g. the step embeddings and their FiLM projections)."""
+    module = module.eval()
+    args = tuple(torch.from_numpy(example[name]) for name in names)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-level shape checks; legacy-exporter notice
@@ -198,6 +254,12 @@ def _export_graph(
         return graph_ops.simplify(buffer.getvalue(), simplified)
     finally:
         remove_quietly(simplified)
+
+
+def _finish_graph(simplified: onnx.ModelProto, target: str, fp16: bool) -> onnx.ModelProto:
+    """The simplified graph in its final form: CPU rewrites for ``target`` "cpu", then fp16 if asked."""
+    model = simplified if target == "portable" else graph_ops.optimize_for_cpu(simplified)
+    return _to_fp16(model) if fp16 else model
 
 
 def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -240,7 +302,7 @@ def _manifest(
         "noise": "standard normal, float32; drawn by the predictor from numpy.random.default_rng(seed) when not given",
         "policy": {
             "type": policy.type,
-            "num_inference_steps": getattr(policy.config, "num_inference_steps", None),
+            "num_inference_steps": getattr(_chunk_policy(policy).config, "num_inference_steps", None),
             "parameters": sum(p.numel() for p in policy.parameters()),
             "config": meta.get("config"),
         },
@@ -252,7 +314,7 @@ def _manifest(
         },
         "spec": spec.to_dict(),
         # A language-conditioned policy: the instruction -> embedding table the runtime maps task strings with.
-        **({"language": language} if (language := getattr(policy, "base", policy).language_info()) else {}),
+        **({"language": language} if (language := _chunk_policy(policy).language_info()) else {}),
         "action_limits": {
             "names": action.names,
             "dataset_min": action.stats.min if action.stats else None,
@@ -275,6 +337,35 @@ def _manifest(
     }
 
 
+def _chunk_policy(policy: Policy) -> Policy:
+    """The policy whose graph ``policy.onnx`` is: a residual policy's frozen base, else the policy."""
+    return policy.base if isinstance(policy, ResidualPolicy) else policy
+
+
+def _residual_manifest(policy: ResidualPolicy, stage: Path, model: onnx.ModelProto) -> dict[str, Any]:
+    """The manifest's ``"residual"`` section: the correction graph and what it computes."""
+    actor = policy.actor
+    return {
+        "file": RESIDUAL_FILE,
+        "sha256": sha256_file(stage / RESIDUAL_FILE),
+        "bytes": (stage / RESIDUAL_FILE).stat().st_size,
+        "op_count": len(model.graph.node),
+        "op_histogram": graph_ops.op_histogram(model),
+        "inputs": [sig.to_dict() for sig in correction_inputs(policy.spec)],
+        "outputs": [sig.to_dict() for sig in correction_outputs(policy.spec)],
+        "function": "action = clip(base_action + action_scale * tanh(mlp([normalized features, normalized base_action])),"
+                    " action_low, action_high)",
+        "applied": "every control step, to the planned (scheduled) action with the newest observation; the ROS node's "
+                   "safety layer checks the result",
+        "action_scale": actor.action_scale,
+        "action_low": actor.action_low.tolist(),
+        "action_high": actor.action_high.tolist(),
+        "hidden": list(policy.config.hidden),
+        "parameters": sum(p.numel() for p in actor.parameters()),
+        "base_type": policy.config.base_type,
+    }
+
+
 def _tolerance(policy: Policy, relaxed: bool) -> float:
     if not relaxed:
         return PARITY_TOLERANCE
@@ -284,7 +375,8 @@ def _tolerance(policy: Policy, relaxed: bool) -> float:
 
 
 def _parity(policy: Policy, stage: Path, backend: str, tolerance: float, rng: np.random.Generator) -> dict[str, Any]:
-    """Max ``|exported - torch|`` over a few random observations with identical noise, through ``load_policy``."""
+    """Max ``|exported - torch|`` through ``load_policy``: chunks over a few random observations with
+    identical noise, and (residual policies) corrections over random features and planned actions."""
     exported = load_policy(stage, backend=backend)
     worst = 0.0
     for _ in range(PARITY_SAMPLES):
@@ -293,12 +385,40 @@ def _parity(policy: Policy, stage: Path, backend: str, tolerance: float, rng: np
         with torch.inference_mode():
             expected = policy.predict_chunk({k: torch.from_numpy(v) for k, v in obs.items()}, torch.from_numpy(noise)).numpy()
         worst = max(worst, float(np.abs(exported.predict_chunk(obs, noise) - expected).max()))
+    _check_parity(worst, tolerance, backend, f"the action chunk ({MODEL_FILE})")
+    report: dict[str, Any] = {"max_abs_diff": worst, "tolerance": tolerance, "samples": PARITY_SAMPLES, "backend": backend}
+    if isinstance(policy, ResidualPolicy):
+        worst = 0.0
+        for _ in range(CORRECTION_PARITY_SAMPLES):
+            obs, base = torch_correction_args(sample_correction_feeds(policy.spec, rng))
+            expected = policy.correct_action(obs, base).numpy()[0]
+            got = exported.correct_action({k: v.numpy()[0] for k, v in obs.items()}, base.numpy()[0])
+            worst = max(worst, float(np.abs(got - expected).max()))
+        _check_parity(worst, tolerance, backend, f"the per-step correction ({RESIDUAL_FILE})")
+        report["correction"] = {"max_abs_diff": worst, "samples": CORRECTION_PARITY_SAMPLES}
+    return report
+
+
+def _check_parity(worst: float, tolerance: float, backend: str, what: str) -> None:
     if not worst <= tolerance:
         raise ExportError(
-            f"parity check failed: {backend} and torch differ by up to {worst:.3g} in raw action units "
+            f"parity check failed for {what}: {backend} and torch differ by up to {worst:.3g} in raw action units "
             f"(tolerance {tolerance:.0e}); the export was not written"
         )
-    return {"max_abs_diff": worst, "tolerance": tolerance, "samples": PARITY_SAMPLES, "backend": backend}
+
+
+def _correction_latency(
+    policy: ResidualPolicy, stage: Path, step: dict[str, np.ndarray], threads: int, runs: int,
+) -> dict[str, Any]:
+    """Per-step correction latency in ONNX Runtime and torch eager (same inputs)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(stage / RESIDUAL_FILE), session_options(threads), providers=["CPUExecutionProvider"])
+    ort_latency = latency.measure(lambda: session.run(None, step), runs)
+    obs, base = torch_correction_args(step)
+    torch_latency = latency.measure(lambda: policy.correct_action(obs, base), runs)
+    return {"onnxruntime": {**ort_latency.to_dict(), "threads": threads},
+            "torch_eager": {**torch_latency.to_dict(), "threads": torch.get_num_threads()}}
 
 
 def _performance(

@@ -1,16 +1,18 @@
 """Running an exported policy: manifest checks at load, observation checks at every call.
 
 :func:`load_policy` opens an export folder (``policy.onnx`` + ``manifest.json`` +
-``checkpoint/``) with one of three backends and returns an :class:`ExportedPolicy`, which
-satisfies ``robopolicy.train.evaluate.ChunkPredictor``:
+``checkpoint/``, + ``residual.onnx`` for a residual-RL fine-tuning) with one of three
+backends and returns an :class:`ExportedPolicy` (an :class:`ExportedResidualPolicy`, with
+the per-step ``correct_action``, when the export has a residual), which satisfies
+``robopolicy.train.evaluate.ChunkPredictor``:
 
 * ``"onnxruntime"``: CPU session (graph optimizations ALL, sequential, ``threads`` intra-op);
 * ``"tensorrt"``: ONNX Runtime's TensorRT provider with the engine cached at export time;
 * ``"torch"``: the checkpoint shipped in ``checkpoint/`` (same weights, eager torch), for
   debugging a parity problem or running where no ONNX Runtime exists.
 
-At load the manifest is checked against the graph (input / output names, shapes, dtypes),
-the feature spec, and the SHA-256 of ``policy.onnx`` (a truncated or edited file fails
+At load the manifest is checked against each graph (input / output names, shapes, dtypes),
+the feature spec, and the SHA-256 of each ``.onnx`` file (a truncated or edited file fails
 here, with a clear message, not inside ONNX Runtime). Every call checks each observation
 (missing, wrong shape, wrong dtype, NaN / inf) and names the feature, expected and actual:
 nothing is reshaped or cast silently.
@@ -32,11 +34,15 @@ from robopolicy.export.errors import ModelFileError, ObservationError
 from robopolicy.spec import ACTION, LANGUAGE, FeatureSpec, check_instruction
 
 MODEL_FILE = "policy.onnx"
+#: The per-step correction graph of a residual-RL policy (manifest section ``"residual"``).
+RESIDUAL_FILE = "residual.onnx"
+RESIDUAL = "residual"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_DIR = "checkpoint"
 TENSORRT_DIR = "tensorrt"
 MANIFEST_FORMAT = "robopolicy.export/1"
 NOISE = "noise"
+BASE_ACTION = "base_action"
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
@@ -73,19 +79,45 @@ def graph_outputs(spec: FeatureSpec) -> list[TensorSig]:
     return [TensorSig(ACTION, (1, spec.n_action_steps, spec.action.dim), "float32")]
 
 
+def correction_inputs(spec: FeatureSpec) -> list[TensorSig]:
+    """The inputs of a residual policy's correction graph: each low-dim feature's current value
+    ``[1, *shape]`` in spec order (the actor's ``keys``), then the planned action ``[1, Da]``."""
+    sigs = [TensorSig(f.name, (1, *f.shape), "float32") for f in spec.state_features]
+    return [*sigs, TensorSig(BASE_ACTION, (1, spec.action.dim), "float32")]
+
+
+def correction_outputs(spec: FeatureSpec) -> list[TensorSig]:
+    """The correction graph's output: the executed raw action ``[1, Da]``."""
+    return [TensorSig(ACTION, (1, spec.action.dim), "float32")]
+
+
+def _uniform(feature, shape: tuple[int, ...], rng: np.random.Generator, margin: float = 0.0) -> np.ndarray:
+    """Uniform in the feature's dataset range (``[-1, 1]`` without statistics), widened by ``margin``
+    of the range on each side; the last ``feature.shape`` axes of ``shape`` are the feature's."""
+    lo = np.asarray(feature.stats.min if feature.stats else [-1.0] * feature.dim, np.float32).reshape(feature.shape)
+    hi = np.asarray(feature.stats.max if feature.stats else [1.0] * feature.dim, np.float32).reshape(feature.shape)
+    lo, hi = lo - margin * (hi - lo), hi + margin * (hi - lo)
+    return (lo + rng.random(shape, dtype=np.float32) * (hi - lo)).astype(np.float32)
+
+
 def sample_observation(spec: FeatureSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A valid random observation batch: low-dim features uniform in their dataset range, random images."""
     obs: dict[str, np.ndarray] = {}
     for sig in graph_inputs(spec)[:-1]:
-        feature = spec.features[sig.name]
         if sig.dtype == "uint8":
             obs[sig.name] = rng.integers(0, 256, sig.shape, dtype=np.uint8)
         else:
-            lo = np.asarray(feature.stats.min if feature.stats else [-1.0] * feature.dim, np.float32)
-            hi = np.asarray(feature.stats.max if feature.stats else [1.0] * feature.dim, np.float32)
-            u = rng.random(sig.shape, dtype=np.float32)
-            obs[sig.name] = (lo.reshape(feature.shape) + u * (hi - lo).reshape(feature.shape)).astype(np.float32)
+            obs[sig.name] = _uniform(spec.features[sig.name], sig.shape, rng)
     return obs
+
+
+def sample_correction_feeds(spec: FeatureSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Valid random correction-graph feeds: low-dim features in their dataset range and a planned
+    action in (and up to 10 % beyond, to exercise the clipping) the dataset's action range."""
+    sigs = correction_inputs(spec)
+    feeds = {sig.name: _uniform(spec.features[sig.name], sig.shape, rng) for sig in sigs[:-1]}
+    feeds[BASE_ACTION] = _uniform(spec.action, sigs[-1].shape, rng, margin=0.1)
+    return feeds
 
 
 def sha256_file(path: Path) -> str:
@@ -157,30 +189,38 @@ class ExportedPolicy:
         predictor's seeded generator when not given (the same seed gives the same chunks).
         """
         obs = self._with_language(obs)
-        feeds: dict[str, np.ndarray] = {}
-        for sig in self.inputs[:-1]:
-            if sig.name not in obs:
-                names = ", ".join(s.name for s in self.inputs[:-1])
-                raise ObservationError(f"observation {sig.name!r} is missing (the policy needs: {names})")
-            feeds[sig.name] = self._checked(sig, obs[sig.name], "observation")
+        feeds = self._observation_feeds(self.inputs[:-1], obs, self._legend)
         noise_sig = self.inputs[-1]
         if noise is None:
             noise = self._rng.standard_normal(noise_sig.shape, dtype=np.float32)
-        feeds[noise_sig.name] = self._checked(noise_sig, noise, "input")
+        feeds[noise_sig.name] = self._checked(noise_sig, noise, "input", self._legend(noise_sig))
         return self._run(feeds)
 
-    def _checked(self, sig: TensorSig, value: Any, what: str) -> np.ndarray:
+    def _observation_feeds(
+        self, sigs: list[TensorSig], obs: Mapping[str, Any], legend: Callable[[TensorSig], str],
+    ) -> dict[str, np.ndarray]:
+        """``obs[sig.name]`` for each of ``sigs``, each checked (missing, shape, dtype, NaN / inf)."""
+        feeds: dict[str, np.ndarray] = {}
+        for sig in sigs:
+            if sig.name not in obs:
+                names = ", ".join(s.name for s in sigs)
+                raise ObservationError(f"observation {sig.name!r} is missing (the policy needs: {names})")
+            feeds[sig.name] = self._checked(sig, obs[sig.name], "observation", legend(sig))
+        return feeds
+
+    def _checked(self, sig: TensorSig, value: Any, what: str, legend: str) -> np.ndarray:
         array = np.asarray(value)
         if array.shape != sig.shape:
             raise ObservationError(
-                f"{what} {sig.name!r} has shape {tuple(array.shape)}; the policy expects {sig.shape} {self._legend(sig)}"
+                f"{what} {sig.name!r} has shape {tuple(array.shape)}; the policy expects {sig.shape} {legend}"
             )
         if array.dtype != np.dtype(sig.dtype):
             raise ObservationError(f"{what} {sig.name!r} has dtype {array.dtype}; the policy expects {sig.dtype}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-            feature = self.spec.features.get(sig.name)
-            dim = feature.names[bad[-1]] if feature is not None and feature.names and len(bad) == 3 else bad[-1]
+            feature = self.spec.action if sig.name == BASE_ACTION else self.spec.features.get(sig.name)
+            named = feature is not None and feature.names and len(feature.shape) == 1
+            dim = feature.names[bad[-1]] if named else bad[-1]
             raise ObservationError(
                 f"{what} {sig.name!r} contains NaN or inf (first at index {bad}, dimension {dim!r}: {array[bad]})"
             )
@@ -192,8 +232,42 @@ class ExportedPolicy:
         return f"= [batch 1, To={self.spec.n_obs_steps}, {', '.join(map(str, sig.shape[2:]))}]"
 
 
+class ExportedResidualPolicy(ExportedPolicy):
+    """An exported residual-RL policy: the base's chunks (``policy.onnx``) plus the per-step
+    correction (``residual.onnx``) that :class:`~robopolicy.train.evaluate.ChunkExecutor` and the
+    ROS node apply to every executed action."""
+
+    def __init__(
+        self, folder: Path, manifest: dict[str, Any], backend: str,
+        run: Callable[[dict[str, np.ndarray]], np.ndarray], seed: int,
+        correct: Callable[[dict[str, np.ndarray]], np.ndarray],
+    ) -> None:
+        super().__init__(folder, manifest, backend, run, seed)
+        # Callers pass one unbatched step; the graph takes batch 1.
+        self.correction_inputs = [
+            TensorSig(s.name, s.shape[1:], s.dtype) for s in map(TensorSig.from_dict, manifest[RESIDUAL]["inputs"])
+        ]
+        self._correct = correct
+
+    def correct_action(self, obs: Mapping[str, Any], action: Any) -> np.ndarray:
+        """The current raw observation ``{name: [*shape]}`` (one step, no batch or time axis; extra
+        keys are ignored) and the planned action ``[Da]`` float32 -> the action to execute ``[Da]``.
+
+        The same semantics as :meth:`robopolicy.rl.policy.ResidualPolicy.correct_action`, and the
+        same checks as :meth:`predict_chunk` (missing, shape, dtype, NaN / inf, named).
+        """
+        legend = "(one step: no batch or time axis)"
+        feeds = self._observation_feeds(self.correction_inputs[:-1], obs, lambda _: legend)
+        action_sig = self.correction_inputs[-1]
+        feeds[action_sig.name] = self._checked(action_sig, action, "planned action", legend)
+        return self._correct({k: v[None] for k, v in feeds.items()})[0]
+
+
 def load_policy(path: Path, backend: str = "onnxruntime", seed: int = 0, threads: int = 1) -> ExportedPolicy:
-    """Open the export folder ``path`` (or its ``policy.onnx`` / ``manifest.json``) with ``backend``."""
+    """Open the export folder ``path`` (or its ``policy.onnx`` / ``manifest.json``) with ``backend``.
+
+    Returns an :class:`ExportedResidualPolicy` when the export has a residual correction.
+    """
     folder = Path(path)
     if folder.is_file() and folder.name in (MODEL_FILE, MANIFEST_FILE):
         folder = folder.parent
@@ -202,10 +276,16 @@ def load_policy(path: Path, backend: str = "onnxruntime", seed: int = 0, threads
     manifest = read_manifest(folder)
     check_model_file(folder, manifest)
     if backend == "torch":
-        run = _torch_runner(folder, manifest)
+        run, correct = _torch_runners(folder, manifest)
     else:
-        run = _onnxruntime_runner(folder, manifest, backend, threads)
-    return ExportedPolicy(folder, manifest, backend, run, seed)
+        providers, options = _session_config(folder, manifest, backend, threads)
+        run = _onnxruntime_runner(folder / MODEL_FILE, manifest["outputs"], providers, options)
+        correct = None
+        if RESIDUAL in manifest:
+            correct = _onnxruntime_runner(folder / RESIDUAL_FILE, manifest[RESIDUAL]["outputs"], providers, options)
+    if correct is None:
+        return ExportedPolicy(folder, manifest, backend, run, seed)
+    return ExportedResidualPolicy(folder, manifest, backend, run, seed, correct)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -223,49 +303,63 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}")
     missing = [k for k in ("model", "spec", "inputs", "outputs", "source") if k not in manifest]
     missing += [f"model.{k}" for k in ("bytes", "sha256") if k not in manifest.get("model", {})]
+    if RESIDUAL in manifest:
+        missing += [f"{RESIDUAL}.{k}" for k in ("bytes", "sha256", "inputs", "outputs") if k not in manifest[RESIDUAL]]
     if missing:
         raise ModelFileError(f"{path} is incomplete: it lacks {', '.join(missing)}")
     try:
         spec = FeatureSpec.from_dict(manifest["spec"])
-        declared = [TensorSig.from_dict(d) for d in manifest["inputs"]], [TensorSig.from_dict(d) for d in manifest["outputs"]]
+        declared = _declared_graphs(manifest)
     except (KeyError, TypeError, ValueError, RobopolicyError) as e:
         raise ModelFileError(f"{path} has a malformed spec or inputs / outputs ({type(e).__name__}: {e})") from e
-    expected = graph_inputs(spec), graph_outputs(spec)
-    for side, have, want in (("inputs", declared[0], expected[0]), ("outputs", declared[1], expected[1])):
-        if have != want:
-            raise ModelFileError(
-                f"{path}: {side} {_sigs(have)} do not match its feature spec, which needs {_sigs(want)}"
-            )
+    expected = {MODEL_FILE: (graph_inputs(spec), graph_outputs(spec)),
+                RESIDUAL_FILE: (correction_inputs(spec), correction_outputs(spec))}
+    for file, sides in declared.items():
+        for side, have, want in zip(("inputs", "outputs"), sides, expected[file]):
+            if have != want:
+                raise ModelFileError(
+                    f"{path}: {side} of {file} {_sigs(have)} do not match its feature spec, which needs {_sigs(want)}"
+                )
     return manifest
 
 
+def _declared_graphs(manifest: dict[str, Any]) -> dict[str, tuple[list[TensorSig], list[TensorSig]]]:
+    """``file -> (inputs, outputs)`` as the manifest declares them, for each graph of the export."""
+    sections = {MODEL_FILE: manifest}
+    if RESIDUAL in manifest:
+        sections[RESIDUAL_FILE] = manifest[RESIDUAL]
+    return {file: ([TensorSig.from_dict(d) for d in m["inputs"]], [TensorSig.from_dict(d) for d in m["outputs"]])
+            for file, m in sections.items()}
+
+
 def check_model_file(folder: Path, manifest: dict[str, Any]) -> None:
-    """``policy.onnx`` exists, has the manifest's size and SHA-256, and its graph has the manifest's inputs / outputs."""
+    """Each ``.onnx`` file of the export exists, has the manifest's size and SHA-256, and its graph
+    has the manifest's inputs / outputs."""
     import onnx
 
-    path = folder / MODEL_FILE
-    model = manifest["model"]
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing (the manifest describes it)")
-    size = path.stat().st_size
-    if size != model["bytes"] or sha256_file(path) != model["sha256"]:
-        raise ModelFileError(
-            f"{path} does not match its manifest ({size} bytes, manifest says {model['bytes']}; SHA-256 differs): "
-            "the file is truncated, corrupt or was modified after export; export again"
+    entries = {MODEL_FILE: manifest["model"], RESIDUAL_FILE: manifest.get(RESIDUAL)}
+    for file, (inputs, outputs) in _declared_graphs(manifest).items():
+        path, entry = folder / file, entries[file]
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing (the manifest describes it)")
+        size = path.stat().st_size
+        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise ModelFileError(
+                f"{path} does not match its manifest ({size} bytes, manifest says {entry['bytes']}; SHA-256 differs): "
+                "the file is truncated, corrupt or was modified after export; export again"
+            )
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception as e:  # protobuf raises several types for a damaged file
+            raise ModelFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+        initializers = {i.name for i in graph.initializer}
+        actual = (
+            [_sig_of(v) for v in graph.input if v.name not in initializers],
+            [_sig_of(v) for v in graph.output],
         )
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:  # protobuf raises several types for a damaged file
-        raise ModelFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
-    initializers = {i.name for i in graph.initializer}
-    actual = (
-        [_sig_of(v) for v in graph.input if v.name not in initializers],
-        [_sig_of(v) for v in graph.output],
-    )
-    declared = [TensorSig.from_dict(d) for d in manifest["inputs"]], [TensorSig.from_dict(d) for d in manifest["outputs"]]
-    for side, have, want in (("inputs", actual[0], declared[0]), ("outputs", actual[1], declared[1])):
-        if have != want:
-            raise ModelFileError(f"{path}: graph {side} are {_sigs(have)} but the manifest says {_sigs(want)}")
+        for side, have, want in (("inputs", actual[0], inputs), ("outputs", actual[1], outputs)):
+            if have != want:
+                raise ModelFileError(f"{path}: graph {side} are {_sigs(have)} but the manifest says {_sigs(want)}")
 
 
 def _sig_of(value) -> TensorSig:
@@ -280,9 +374,16 @@ def _sigs(sigs: list[TensorSig]) -> str:
     return "[" + ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in sigs) + "]"
 
 
-def _onnxruntime_runner(folder: Path, manifest: dict[str, Any], backend: str, threads: int):
-    import onnxruntime as ort
+def torch_correction_args(feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Any]:
+    """Correction-graph feeds as the (observation, base action) tensors of ``ResidualPolicy.correct_action``."""
+    import torch
 
+    obs = {k: torch.from_numpy(v) for k, v in feeds.items() if k != BASE_ACTION}
+    return obs, torch.from_numpy(feeds[BASE_ACTION])
+
+
+def _session_config(folder: Path, manifest: dict[str, Any], backend: str, threads: int) -> tuple[list[Any], Any]:
+    """ONNX Runtime providers and session options for ``backend`` (the same for every graph of the export)."""
     from robopolicy.export import tensorrt
 
     if backend == "tensorrt":
@@ -290,32 +391,43 @@ def _onnxruntime_runner(folder: Path, manifest: dict[str, Any], backend: str, th
         trt = manifest.get("tensorrt")
         if not trt:
             raise ModelFileError(f"{folder} was exported without --tensorrt: it has no TensorRT engine; export again with --tensorrt")
-        providers = tensorrt.providers(folder / trt["cache_dir"], trt["fp16"])
-        options = None
-    else:
-        providers, options = ["CPUExecutionProvider"], session_options(threads)
+        return tensorrt.providers(folder / trt["cache_dir"], trt["fp16"]), None
+    return ["CPUExecutionProvider"], session_options(threads)
+
+
+def _onnxruntime_runner(path: Path, outputs: list[dict[str, Any]], providers: list[Any], options: Any):
+    import onnxruntime as ort
+
     try:
-        session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # ORT raises its own exception types
-        raise ModelFileError(f"ONNX Runtime cannot load {folder / MODEL_FILE}: {e}") from e
-    output = manifest["outputs"][0]["name"]
+        raise ModelFileError(f"ONNX Runtime cannot load {path}: {e}") from e
+    output = outputs[0]["name"]
     return lambda feeds: session.run([output], feeds)[0]
 
 
-def _torch_runner(folder: Path, manifest: dict[str, Any]):
+def _torch_runners(folder: Path, manifest: dict[str, Any]):
+    """(chunk runner, correction runner or ``None``) on the checkpoint copy, in eager torch."""
     import torch
 
-    from robopolicy.train.checkpoint import load_policy as load_checkpoint
+    from robopolicy.rl.policy import load_trained_policy
 
     ckpt = folder / CHECKPOINT_DIR
-    policy = load_checkpoint(ckpt)
+    policy = load_trained_policy(ckpt)
     FeatureSpec.from_dict(manifest["spec"]).check_compatible(
         policy.spec, f"the manifest of {folder}", f"the checkpoint {ckpt}"
     )
+    corrects = hasattr(policy, "correct_action")
+    if corrects != (RESIDUAL in manifest):
+        raise ModelFileError(f"{folder}: the manifest {'has' if RESIDUAL in manifest else 'has no'} residual "
+                             f"correction but the checkpoint {ckpt} holds a {policy.type!r} policy")
 
     @torch.inference_mode()
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         obs = {k: torch.from_numpy(v) for k, v in feeds.items() if k != NOISE}
         return policy.predict_chunk(obs, torch.from_numpy(feeds[NOISE])).numpy()
 
-    return run
+    def correct(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return policy.correct_action(*torch_correction_args(feeds)).numpy()
+
+    return run, correct if corrects else None

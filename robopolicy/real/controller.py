@@ -12,8 +12,12 @@
   chunk to the :class:`~robopolicy.real.schedule.ActionSchedule` (a late chunk is covered by
   the current chunk's remaining actions);
 * :meth:`cycle` (control timer) asks the :class:`~robopolicy.real.safety.Watchdog`
-  whether the policy may command, takes the scheduled action and passes it through the
-  :class:`~robopolicy.real.safety.SafetyFilter`.
+  whether the policy may command, takes the scheduled (cross-faded) action, lets a
+  predictor with ``correct_action`` (a residual-RL policy) correct it with the newest
+  observation, and passes the result through the
+  :class:`~robopolicy.real.safety.SafetyFilter`: the safety layer sees the final command.
+  A correction that fails or is not finite becomes a NaN proposal, which the safety layer
+  rejects (hold, counted as ``non_finite_action``).
 
 Times: ``now`` / stamps are ROS time in seconds (the node's clock, what sources stamp
 with); arrivals and durations are ``time.perf_counter`` seconds.
@@ -25,7 +29,7 @@ import collections
 import math
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -42,6 +46,16 @@ WAKE_TIMEOUT_S = 0.1
 DURATION_WINDOW = 20
 #: The worker starts this many times the recent worst inference time before the plan ends.
 LEAD_FACTOR = 1.5
+
+
+class Cycle(NamedTuple):
+    """One control cycle's outcome."""
+
+    decision: Decision
+    #: (arrival, stamp) of an observation this cycle is the first to use.
+    used: tuple[float, float] | None
+    #: Time spent in the per-step correction (NaN when none ran).
+    correction_ms: float
 
 
 class PolicyController:
@@ -62,6 +76,8 @@ class PolicyController:
     ) -> None:
         self.predictor = predictor
         self.spec: FeatureSpec = predictor.spec
+        self._correct: Callable[[dict[str, np.ndarray], np.ndarray], Any] | None = getattr(
+            predictor, "correct_action", None)
         self.horizon = horizon
         self.task: str | None = task  # None: no valid instruction, hold
         self.buffer = ObservationBuffer(keys, self.spec.n_obs_steps, self.spec.fps, staleness_s)
@@ -76,8 +92,13 @@ class PolicyController:
         self._durations: collections.deque[float] = collections.deque(maxlen=DURATION_WINDOW)
         self._last_frame_stamp = -math.inf
         self._used_arrival = -math.inf
-        self.chunks = self.stale_chunks = self.inference_errors = 0
+        self.chunks = self.stale_chunks = self.inference_errors = self.correction_errors = 0
         self.last_error = ""
+
+    @property
+    def corrects(self) -> bool:
+        """The predictor corrects every executed action (a residual-RL policy)."""
+        return self._correct is not None
 
     # ---- executor thread ---------------------------------------------------------------
     def observe(self, key: str, stamp: float, value: np.ndarray, arrival: float) -> str | None:
@@ -109,18 +130,39 @@ class PolicyController:
         it triggers ran, so the two do not compete for the GIL)."""
         self._wake.set()
 
-    def cycle(self, now: float) -> tuple[Decision, tuple[float, float] | None]:
-        """This cycle's safe command, and (arrival, stamp) of an observation it is the first to use."""
+    def cycle(self, now: float) -> Cycle:
+        """This cycle's safe command (the scheduled action, corrected, through the safety layer)."""
         observation_time = self.buffer.observation_time()
         with self._lock:
             reason = self.watchdog.check(now, observation_time, self.schedule.plan_end)
             proposed = self.schedule.action(now) if reason is None else None
+        correction_ms = math.nan
+        if proposed is not None and self._correct is not None and np.all(np.isfinite(proposed)):
+            start = time.perf_counter()
+            proposed = self._corrected(proposed)
+            correction_ms = (time.perf_counter() - start) * 1e3
         decision = self.safety.apply(proposed, reason)
         newest = self.buffer.newest
         if newest is not None and newest[0] > self._used_arrival:
             self._used_arrival = newest[0]
-            return decision, newest
-        return decision, None
+            return Cycle(decision, newest, correction_ms)
+        return Cycle(decision, None, correction_ms)
+
+    def _corrected(self, planned: np.ndarray) -> np.ndarray:
+        """The corrected action, or NaN (the safety layer holds) when the correction fails."""
+        try:
+            return self._correction(self.buffer.latest(), planned)
+        except Exception as e:  # noqa: BLE001  (a failing model must not take the node down)
+            self.correction_errors += 1
+            self.last_error = f"correction failed: {e}"
+            self._log(self.last_error)
+            return np.full_like(planned, np.nan)
+
+    def _correction(self, obs: dict[str, np.ndarray], planned: np.ndarray) -> np.ndarray:
+        corrected = np.asarray(self._correct(obs, planned.astype(np.float32)), dtype=np.float64)
+        if corrected.shape != planned.shape:
+            raise ValueError(f"the predictor corrected an action of shape {planned.shape} into {corrected.shape}")
+        return corrected
 
     # ---- inference worker --------------------------------------------------------------
     @property
@@ -129,7 +171,8 @@ class PolicyController:
         return self._thread is not None and self._thread.is_alive()
 
     def warm_up(self, runs: int = 2) -> float:
-        """Run the predictor on a synthetic frame (first calls are slow); returns the last duration (s)."""
+        """Run the predictor (and its correction) on a synthetic frame (first calls are slow; a model
+        that fails here fails configure); returns the last chunk inference duration (s)."""
         obs: dict[str, Any] = {"task": [self.task]}
         for key in self.buffer.keys:
             f = self.spec.features[key]
@@ -140,8 +183,12 @@ class PolicyController:
                 obs[key] = np.broadcast_to(mean, (1, self.spec.n_obs_steps, f.dim)).copy()
         for _ in range(runs):
             start = time.perf_counter()
-            self._check_chunk(np.asarray(self.predictor.predict_chunk(obs)))
+            actions = self._check_chunk(np.asarray(self.predictor.predict_chunk(obs)))
             self._durations.append(time.perf_counter() - start)
+        if self._correct is not None:
+            step = {key: obs[key][0, -1] for key in self.buffer.keys}
+            for _ in range(runs):
+                self._correction(step, actions[0])
         return self._durations[-1]
 
     def start(self) -> None:

@@ -77,8 +77,11 @@ class DeployReport:
         lines.append(f"control {t.control_rate_hz:g} Hz: {t.cycles} cycles, period {t.period_ms_mean:.2f} ms mean, "
                      f"jitter std {t.period_jitter_ms:.2f} ms, missed control deadlines {t.missed_control_deadlines}")
         lines.append(f"{'latency (ms)':<28}{'p50':>8}{'p99':>8}{'max':>8}{'n':>8}")
-        for label, p in (("obs-to-command", t.obs_to_command_ms), ("stamp-to-command", t.stamp_to_command_ms),
-                         ("inference", t.inference_ms)):
+        rows = [("obs-to-command", t.obs_to_command_ms), ("stamp-to-command", t.stamp_to_command_ms),
+                ("control cycle", t.cycle_ms), ("inference", t.inference_ms)]
+        if t.correction_ms.n:
+            rows.insert(3, ("per-step correction", t.correction_ms))
+        for label, p in rows:
             lines.append(f"{label:<28}{p.p50:>8.2f}{p.p99:>8.2f}{p.max:>8.2f}{p.n:>8}")
         lines.append(f"chunks {t.chunks} (late {t.late_chunks}), missed inference deadlines "
                      f"{self.missed_inference_deadlines}, held cycles {t.held_cycles}")

@@ -92,6 +92,11 @@ class ObservationBuffer:
                 return None
             return min(s[-1].stamp for s in self._samples.values())
 
+    def latest(self) -> dict[str, np.ndarray]:
+        """The newest sample of each feature that has one (the current observation, unbatched)."""
+        with self._lock:
+            return {key: samples[-1].value for key, samples in self._samples.items() if samples}
+
     def frame(self, task: str) -> Frame | None:
         """The policy input at the reference time (``None`` until every feature has a sample)."""
         with self._lock:

@@ -21,8 +21,9 @@ observations, deadlines, latency) and ``~/telemetry/cycles`` / ``~/telemetry/inf
 Control: a timer at ``control_rate_hz`` runs the cycles; with ``sync_to_observation`` the
 arrival of ``observation.state`` (the message that completes a frame) also runs one at once
 and re-arms the timer (:class:`~robopolicy.real.schedule.ControlClock`), then wakes the
-inference worker. Each cycle takes the scheduled action through the safety layer and
-publishes it.
+inference worker. Each cycle takes the scheduled action, has a residual-RL policy correct it
+with the newest observation (``correct_action``), passes the result through the safety layer
+and publishes it.
 
 The node is thin: the logic lives in :class:`~robopolicy.real.controller.PolicyController`.
 """
@@ -284,14 +285,14 @@ class PolicyNode(LifecycleNode):
     def _cycle(self) -> None:
         start = time.perf_counter()
         now = self._now()
-        decision, used = self._ctrl.cycle(now)
+        decision, used, correction_ms = self._ctrl.cycle(now)
         if decision.command is not None:
             self._command_pub.publish(self._codec.encode(decision.command, s_to_stamp(now)))
         end = time.perf_counter()
         latency = (end - used[0]) * 1e3 if used else math.nan
         stamp_latency = (now + end - start - used[1]) * 1e3 if used else math.nan
         self._ctrl.telemetry.record_cycle(now, (start - self._last_cycle) * 1e3, latency, stamp_latency,
-                                          (end - start) * 1e3, decision.held)
+                                          (end - start) * 1e3, correction_ms, decision.held)
         self._reasons = decision.reasons
         self._last_cycle = start
         self._control_clock.ran(start)
@@ -337,6 +338,9 @@ class PolicyNode(LifecycleNode):
                 "recent.period_jitter_ms": round(timing.period_jitter_ms, 3),
                 "recent.missed_control_deadlines": timing.missed_control_deadlines,
             })
+            if ctrl.corrects:
+                values.update({"correction_errors": ctrl.correction_errors,
+                               "recent.correction_ms_p99": round(timing.correction_ms.p99, 3)})
         values.update({f"telemetry.{k}": v for k, v in self._published_rows.items()})
         values.update({f"rejected.{k}": v for k, v in sorted(self._rejections.items())})
         if self._last_rejection:

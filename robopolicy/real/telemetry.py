@@ -4,8 +4,9 @@ Per control cycle: the interval since the previous cycle, the **obs-to-command l
 (from the arrival, in the node, of the newest observation to the publish of the first
 command computed with it; cycles that reuse an older observation have none), the
 stamp-to-command latency (from the observation's header stamp, i.e. including transport
-when the source stamps at publish time), the time spent in the cycle, and whether the
-safety layer held. Per inference: its duration, the slack to the previous chunk's switch
+when the source stamps at publish time), the time spent in the cycle and, within it, in the
+per-step correction of a residual-RL policy (NaN without one), and whether the safety layer
+held. Per inference: its duration, the slack to the previous chunk's switch
 time (negative: a late chunk, covered by the previous chunk's reserve actions while they
 last), and how many of its actions were already stale.
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-CYCLE_FIELDS = ("time_s", "period_ms", "obs_to_command_ms", "stamp_to_command_ms", "cycle_ms", "held")
+CYCLE_FIELDS = ("time_s", "period_ms", "obs_to_command_ms", "stamp_to_command_ms", "cycle_ms", "correction_ms", "held")
 INFERENCE_FIELDS = ("time_s", "inference_ms", "slack_ms", "stale_actions")
 #: A cycle interval above this many nominal periods is a missed control deadline.
 MISSED_PERIOD_FACTOR = 1.5
@@ -40,8 +41,9 @@ class Telemetry:
             "cycles": collections.deque(maxlen=WINDOW), "inference": collections.deque(maxlen=WINDOW)}
 
     def record_cycle(self, time_s: float, period_ms: float, obs_to_command_ms: float, stamp_to_command_ms: float,
-                     cycle_ms: float, held: bool) -> None:
-        self._add("cycles", (time_s, period_ms, obs_to_command_ms, stamp_to_command_ms, cycle_ms, float(held)))
+                     cycle_ms: float, correction_ms: float, held: bool) -> None:
+        self._add("cycles", (time_s, period_ms, obs_to_command_ms, stamp_to_command_ms, cycle_ms, correction_ms,
+                             float(held)))
 
     def record_inference(self, time_s: float, inference_ms: float, slack_ms: float, stale_actions: int) -> None:
         self._add("inference", (time_s, inference_ms, slack_ms, float(stale_actions)))
@@ -95,6 +97,8 @@ class TimingSummary:
     held_cycles: int
     obs_to_command_ms: Percentiles
     stamp_to_command_ms: Percentiles
+    cycle_ms: Percentiles
+    correction_ms: Percentiles
     inference_ms: Percentiles
     chunks: int
     late_chunks: int
@@ -118,6 +122,8 @@ def summarize(cycles: np.ndarray, inference: np.ndarray, control_rate_hz: float)
         held_cycles=int(np.sum(c["held"] > 0)),
         obs_to_command_ms=Percentiles.of(c["obs_to_command_ms"]),
         stamp_to_command_ms=Percentiles.of(c["stamp_to_command_ms"]),
+        cycle_ms=Percentiles.of(c["cycle_ms"]),
+        correction_ms=Percentiles.of(c["correction_ms"]),
         inference_ms=Percentiles.of(inference[:, INFERENCE_FIELDS.index("inference_ms")]),
         chunks=int(inference.shape[0]),
         late_chunks=int(np.sum(slack < 0)),

@@ -39,7 +39,9 @@ class ChunkPredictor(Protocol):
         ...
 
     # Optional: ``correct_action(obs, action) -> action`` with the current raw observation
-    # (unbatched) and the planned action ``[Da]``; the executor applies it at every step.
+    # (unbatched) and the planned action ``[Da]`` (the chunk's dtype, float32); the executor
+    # applies it at every step (a torch residual policy, or an exported one:
+    # ``robopolicy.export.ExportedResidualPolicy``).
 
 
 class TorchChunkPredictor:
@@ -186,7 +188,7 @@ class ChunkExecutor:
             ages = np.array([self.t - 1 - t0 for t0, _ in self.ensemble_buf], dtype=np.float64)
             w = np.exp(-self.decay * ages)
             acts = np.stack([c[self.t - 1 - t0] for t0, c in self.ensemble_buf])
-            action = (w[:, None] * acts).sum(0) / w.sum()
+            action = ((w[:, None] * acts).sum(0) / w.sum()).astype(acts.dtype)
         else:
             action = self.plan.popleft()
         return action if self.correct is None else self.correct(obs, action)
