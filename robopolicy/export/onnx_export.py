@@ -120,8 +120,10 @@ class ExportReport:
                 f"{name.replace('_', ' ')} p50 {lat['p50_ms'] * 1e3:.0f} us, p99 {lat['p99_ms'] * 1e3:.0f} us"
                 for name, lat in perf["correction"].items()))
         if m.get("tensorrt"):
-            trt_parity = m["tensorrt"]["parity"]["max_abs_diff"]
-            lines.append(f"TensorRT engine cached in {self.out / m['tensorrt']['cache_dir']} (parity {trt_parity:.2e})")
+            trt_parity = m["tensorrt"]["parity"]
+            correction = f", correction {trt_parity['correction']['max_abs_diff']:.2e}" if residual else ""
+            lines.append(f"TensorRT engine{'s' if residual else ''} cached in {self.out / m['tensorrt']['cache_dir']} "
+                         f"(parity {trt_parity['max_abs_diff']:.2e}{correction})")
         return "\n".join(lines)
 
 
