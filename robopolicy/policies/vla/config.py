@@ -23,8 +23,8 @@ class VLAConfig(PolicyConfig):
     """
 
     type: ClassVar[str] = "vla"
-    # About 50 minutes at batch 64 on a 2-core CPU shared with other jobs (see README).
-    train_steps: ClassVar[int] = 2500
+    # 35-50 minutes at batch 64 on this 2-core CPU shared with other jobs (see README).
+    train_steps: ClassVar[int] = 3500
     dim: int = 128
     heads: int = 4
     depth: int = 3

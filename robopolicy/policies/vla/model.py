@@ -4,12 +4,16 @@ Shapes (see :mod:`robopolicy.policies.base`): observations ``[B, To, ...]``, the
 as ``obs["task"]`` (``list[str]``, one per row) or its embedding ``obs["observation.language"]``
 ``[B, E]``; chunks ``[B, Tp, Da]``.
 
-* **Language** enters as ``language_tokens`` tokens: a linear map of the frozen sentence
-  embedding (:mod:`~robopolicy.policies.vla.language`). The embeddings of the training
-  instructions are computed once, when the policy is made, and kept in the buffer
-  ``instruction_embeddings`` (rows in ``spec.tasks`` order): a loaded checkpoint or an
-  export needs no text encoder for them. An instruction outside ``spec.tasks`` is an
-  :class:`~robopolicy.errors.InstructionError`.
+* **Language**: the frozen sentence embedding (:mod:`~robopolicy.policies.vla.language`)
+  is standardized with the statistics of the training instructions (their mean removed, so
+  what tells them apart is what is left, scaled to unit RMS norm: sentence embeddings of
+  similar instructions share most of their direction), then enters twice: as
+  ``language_tokens`` prefix tokens (a linear map) and added to every action token of the
+  expert (a direct path, so that a small model conditions on it from the first steps).
+  The embeddings of the training instructions are computed once, when the policy is made,
+  and kept in the buffer ``instruction_embeddings`` (rows in ``spec.tasks`` order) with
+  the statistics: a loaded checkpoint or an export needs no text encoder for them. An
+  instruction outside ``spec.tasks`` is an :class:`~robopolicy.errors.InstructionError`.
 * **Prefix** ``[language, images (camera-major, then step), state per step]`` plus learned
   positions goes through ``depth`` bidirectional blocks once per chunk.
 * **Action expert**: ``expert_depth`` blocks over the ``Tp`` action tokens (noisy action +
@@ -67,6 +71,8 @@ class VLAPolicy(Policy):
         self.shapes = {f.name: (to, *f.shape) for f in [*states, *images]}
         self._task_rows = {t: i for i, t in enumerate(spec.tasks)}
         self.register_buffer("instruction_embeddings", torch.zeros(len(spec.tasks), language.EMBED_DIM))
+        self.register_buffer("language_center", torch.zeros(language.EMBED_DIM))
+        self.register_buffer("language_scale", torch.ones(()))
         self.action_normalizer = Normalizer([spec.action])
         self.state_normalizer = Normalizer(states)
 
@@ -88,6 +94,7 @@ class VLAPolicy(Policy):
         self.action_in = nn.Linear(da, d)
         self.action_position = nn.Parameter(torch.randn(1, config.horizon, d) * 0.02)
         self.time_embed = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.language_to_expert = nn.Linear(language.EMBED_DIM, d)
         self.expert = nn.ModuleList(block(True) for _ in range(config.expert_depth))
         self.expert_norm = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, da)
@@ -96,8 +103,13 @@ class VLAPolicy(Policy):
 
     # -- language --------------------------------------------------------------------------
     def setup_new(self) -> None:
-        """Embed the training instructions with the frozen encoder (once; checkpoints keep them)."""
-        self.instruction_embeddings.copy_(language.embed(self.spec.tasks))
+        """Embed the training instructions with the frozen encoder and standardize over them (once; checkpoints keep both)."""
+        table = language.embed(self.spec.tasks)
+        self.instruction_embeddings.copy_(table)
+        if len(table) > 1:
+            centered = table - table.mean(dim=0)
+            self.language_center.copy_(table.mean(dim=0))
+            self.language_scale.fill_(float(centered.square().sum(dim=1).mean().rsqrt()))
 
     def language_info(self) -> dict[str, Any]:
         return {
@@ -117,7 +129,7 @@ class VLAPolicy(Policy):
 
     # -- networks --------------------------------------------------------------------------
     def encode_prefix(self, obs: dict[str, Any], embedding: torch.Tensor) -> torch.Tensor:
-        """Prefix tokens ``[B, P, D]`` from raw observations and instruction embeddings ``[B, E]``."""
+        """Prefix tokens ``[B, P, D]`` from raw observations and standardized instruction embeddings ``[B, E]``."""
         b, d = embedding.shape[0], self.config.dim
         tokens = [self.language(embedding).view(b, self.config.language_tokens, d)]
         for key, camera in zip(self.image_keys, self.cameras):
@@ -134,14 +146,16 @@ class VLAPolicy(Policy):
         """Each expert block's cross-attention keys / values of the prefix (once per chunk)."""
         return [blk.cross.keys_values(prefix) for blk in self.expert]
 
-    def velocity(self, x: torch.Tensor, time_embedding: torch.Tensor, context: list[KeysValues]) -> torch.Tensor:
-        """Flow velocity ``[B, Tp, Da]`` at normalized actions ``x [B, Tp, Da]``, time embedding ``[B or 1, D]``."""
-        h = self.action_in(x) + self.action_position + time_embedding.unsqueeze(1)
+    def velocity(self, x: torch.Tensor, condition: torch.Tensor, context: list[KeysValues]) -> torch.Tensor:
+        """Flow velocity ``[B, Tp, Da]`` at normalized actions ``x [B, Tp, Da]``; ``condition [B, D]``: the time
+        embedding plus the direct language path, added to every action token."""
+        h = self.action_in(x) + self.action_position + condition.unsqueeze(1)
         for blk, kv in zip(self.expert, context):
             h = blk(h, kv)
         return self.action_out(self.expert_norm(h))
 
     def _language_input(self, obs: dict[str, Any]) -> torch.Tensor:
+        """Standardized instruction embeddings ``[B, E]``: ``obs["observation.language"]`` if given, else looked up."""
         batch = next(iter(obs[k] for k in self.shapes)).shape[0]
         if LANGUAGE in obs:
             embedding = obs[LANGUAGE]
@@ -149,8 +163,9 @@ class VLAPolicy(Policy):
                 raise SpecMismatchError(
                     f"observation {LANGUAGE!r} has shape {tuple(embedding.shape)}, the policy expects "
                     f"[{batch}, {language.EMBED_DIM}]")
-            return embedding
-        return self.embed_instructions(obs.get("task"), batch)
+        else:
+            embedding = self.embed_instructions(obs.get("task"), batch)
+        return (embedding - self.language_center) * self.language_scale
 
     # -- the Policy interface --------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -161,26 +176,31 @@ class VLAPolicy(Policy):
         if is_pad is not None:
             actions = fill_padded(actions, is_pad)
         k = self.config.flow_samples
+        embedding = self._language_input(batch)
         context = [(keys.repeat(k, 1, 1, 1), values.repeat(k, 1, 1, 1))
-                   for keys, values in self.context(self.encode_prefix(batch, self._language_input(batch)))]
+                   for keys, values in self.context(self.encode_prefix(batch, embedding))]
         actions = actions.repeat(k, 1, 1)
         t = draw_flow_time(self.config.time_sampling, actions.shape[0], actions.device)
         x_t, target = flow_pair(actions, torch.randn_like(actions), t)
-        error = self.velocity(x_t, self.time_embed(t * TIME_SCALE), context) - target
+        condition = self.time_embed(t * TIME_SCALE) + self.language_to_expert(embedding).repeat(k, 1)
+        error = self.velocity(x_t, condition, context) - target
         loss = chunk_loss(error, None if is_pad is None else is_pad.repeat(k, 1))
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
         check_observation(obs, self.shapes)
-        context = self.context(self.encode_prefix(obs, self._language_input(obs)))
-        batch = context[0][0].shape[0]
+        embedding = self._language_input(obs)
+        context = self.context(self.encode_prefix(obs, embedding))
+        batch = embedding.shape[0]
         if noise is None:
             noise = torch.randn(self.noise_shape(batch), device=self.euler_time.device)
         self.check_chunk("noise", noise)
         time_embedding = self.time_embed(self.euler_time)  # [K, D], once for all steps
-        x = euler_integrate(noise, lambda x_k, k: self.velocity(x_k, time_embedding[k : k + 1], context),
-                            self.config.num_inference_steps)
+        language_path = self.language_to_expert(embedding)  # [B, D]
+        x = euler_integrate(
+            noise, lambda x_k, k: self.velocity(x_k, time_embedding[k : k + 1] + language_path, context),
+            self.config.num_inference_steps)
         start = self.config.n_obs_steps - 1
         chunk = x[:, start : start + self.config.n_action_steps]
         return self.action_normalizer.unnormalize(ACTION, chunk.clamp(-1.0, 1.0))
