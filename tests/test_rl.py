@@ -309,5 +309,9 @@ def test_evaluator_runs_the_exported_residual_like_torch(base_run: Path, tmp_pat
         obs, *_, info = env.step(onnx_action)
     env.close()
     assert corrected >= 6
-    assert main(["eval", "--model", str(folder), "--episodes", "1", "--json", str(tmp_path / "eval.json")]) == 0
+    threads = torch.get_num_threads()
+    try:  # eval sets torch's thread count (--threads): later tests must not inherit it
+        assert main(["eval", "--model", str(folder), "--episodes", "1", "--json", str(tmp_path / "eval.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert "env push: success" in capsys.readouterr().out
