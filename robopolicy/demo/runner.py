@@ -111,7 +111,7 @@ def run_demo(cfg: DemoConfig, stages: Sequence[Stage] = STAGES) -> int:
         print(f"{head}: {stage.what} ({reason})", flush=True)
         markers[stage.name] = run_stage(stage, cfg, markers)
     if stale:
-        print(f"[demo] out of date now: {', '.join(stale)}; run `robopolicy demo` (without --stage) to redo them "
+        print(f"[demo] not up to date: {', '.join(stale)}; run `robopolicy demo` (without --stage) to redo them "
               "and write the report")
         return 0
     print(f"[demo] {len(stages) + 1}/{len(stages) + 1} report", flush=True)
