@@ -14,12 +14,13 @@ class VLAConfig(PolicyConfig):
     """A small pi0-like policy; the defaults fit a 2-core CPU and scale up by width and depth.
 
     Prefix tokens: ``language_tokens`` from the frozen sentence embedding of the
-    instruction, ``image_token_grid ** 2`` per camera and observation step from a trained
-    CNN, one per observation step from the low-dim state. A bidirectional transformer
-    (``depth`` blocks of width ``dim``) encodes the prefix once per chunk; the action expert
+    instruction, about ``image_token_grid ** 2`` per camera and observation step from a
+    trained patch embedding, and a readout token. A bidirectional transformer (``depth``
+    blocks of width ``dim``) encodes the prefix once per chunk; the action expert
     (``expert_depth`` blocks: self-attention over the ``Tp`` action tokens, cross-attention
-    to the prefix) is the velocity field of rectified flow, integrated in
-    ``num_inference_steps`` Euler steps (``time_sampling`` as in the flow policy).
+    to the prefix, conditioned on readout + instruction + low-dim state) is the velocity
+    field of rectified flow, integrated in ``num_inference_steps`` Euler steps
+    (``time_sampling`` as in the flow policy).
     """
 
     type: ClassVar[str] = "vla"

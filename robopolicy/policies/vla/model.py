@@ -8,18 +8,23 @@ as ``obs["task"]`` (``list[str]``, one per row) or its embedding ``obs["observat
   is standardized with the statistics of the training instructions (their mean removed, so
   what tells them apart is what is left, scaled to unit RMS norm: sentence embeddings of
   similar instructions share most of their direction), then enters twice: as
-  ``language_tokens`` prefix tokens (a linear map) and added to every action token of the
-  expert (a direct path, so that a small model conditions on it from the first steps).
+  ``language_tokens`` prefix tokens (a linear map) and in the expert's global condition.
   The embeddings of the training instructions are computed once, when the policy is made,
   and kept in the buffer ``instruction_embeddings`` (rows in ``spec.tasks`` order) with
   the statistics: a loaded checkpoint or an export needs no text encoder for them. An
   instruction outside ``spec.tasks`` is an :class:`~robopolicy.errors.InstructionError`.
-* **Prefix** ``[language, images (camera-major, then step), state per step]`` plus learned
-  positions goes through ``depth`` bidirectional blocks once per chunk.
+* **Prefix** (the vision-language part) ``[language, images (camera-major, then step),
+  readout]`` plus learned positions goes through ``depth`` bidirectional blocks once per
+  chunk; the learned readout token (as in Octo) gathers what the expert needs globally.
 * **Action expert**: ``expert_depth`` blocks over the ``Tp`` action tokens (noisy action +
-  position + flow-time embedding) with cross-attention to the prefix, whose keys / values
-  are computed once per chunk. It is the velocity of rectified flow (the flow policy's
-  convention: ``x_t = (1 - t) noise + t data``), integrated by Euler steps.
+  position + flow-time embedding + the global condition) with cross-attention to the
+  prefix, whose keys / values are computed once per chunk. The global condition is the sum
+  of maps of the readout output, the instruction embedding and the low-dim state of the
+  ``To`` steps: as in pi0 the robot state enters on the expert's side, not the VLM's. The
+  global path lets a small model condition on instruction and state from its first steps;
+  the cross-attention carries the visual detail.
+  The expert is the velocity of rectified flow (the flow policy's convention:
+  ``x_t = (1 - t) noise + t data``), integrated by Euler steps.
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ class VLAPolicy(Policy):
         self.cameras = nn.ModuleList(
             ImageTokenizer(f.shape, config.image_channels, config.image_token_grid, d, config.crop_ratio) for f in images
         )
-        self.state = nn.Linear(sum(f.dim for f in states), d) if states else None
-        n_prefix = config.language_tokens + to * sum(c.num_tokens for c in self.cameras) + (to if states else 0)
+        n_prefix = config.language_tokens + to * sum(c.num_tokens for c in self.cameras) + 1
+        self.readout = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.prefix_position = nn.Parameter(torch.randn(1, n_prefix, d) * 0.02)
 
         def block(cross: bool) -> Block:
@@ -95,6 +100,9 @@ class VLAPolicy(Policy):
         self.action_position = nn.Parameter(torch.randn(1, config.horizon, d) * 0.02)
         self.time_embed = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.language_to_expert = nn.Linear(language.EMBED_DIM, d)
+        self.readout_to_expert = nn.Linear(d, d)
+        state_in = to * sum(f.dim for f in states)
+        self.state_to_expert = nn.Sequential(nn.Linear(state_in, d), nn.GELU(), nn.Linear(d, d)) if states else None
         self.expert = nn.ModuleList(block(True) for _ in range(config.expert_depth))
         self.expert_norm = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, da)
@@ -134,13 +142,20 @@ class VLAPolicy(Policy):
         tokens = [self.language(embedding).view(b, self.config.language_tokens, d)]
         for key, camera in zip(self.image_keys, self.cameras):
             tokens.append(camera(obs[key].flatten(0, 1)).reshape(b, -1, d))
-        if self.state is not None:
-            parts = [self.state_normalizer.normalize(k, obs[k]) for k in self.state_keys]
-            tokens.append(self.state(torch.cat(parts, dim=-1)))
+        tokens.append(self.readout.expand(b, -1, -1))
         x = torch.cat(tokens, dim=1) + self.prefix_position
         for blk in self.backbone:
             x = blk(x)
         return self.backbone_norm(x)
+
+    def global_condition(self, obs: dict[str, Any], prefix: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """What every action token gets besides the time: ``[B, D]`` from the readout output, the instruction
+        and the normalized low-dim state of the ``To`` steps."""
+        condition = self.readout_to_expert(prefix[:, -1]) + self.language_to_expert(embedding)
+        if self.state_to_expert is not None:
+            state = torch.cat([self.state_normalizer.normalize(k, obs[k]) for k in self.state_keys], dim=-1)
+            condition = condition + self.state_to_expert(state.flatten(1))
+        return condition
 
     def context(self, prefix: torch.Tensor) -> list[KeysValues]:
         """Each expert block's cross-attention keys / values of the prefix (once per chunk)."""
@@ -148,7 +163,7 @@ class VLAPolicy(Policy):
 
     def velocity(self, x: torch.Tensor, condition: torch.Tensor, context: list[KeysValues]) -> torch.Tensor:
         """Flow velocity ``[B, Tp, Da]`` at normalized actions ``x [B, Tp, Da]``; ``condition [B, D]``: the time
-        embedding plus the direct language path, added to every action token."""
+        embedding plus the global condition, added to every action token."""
         h = self.action_in(x) + self.action_position + condition.unsqueeze(1)
         for blk, kv in zip(self.expert, context):
             h = blk(h, kv)
@@ -177,12 +192,12 @@ class VLAPolicy(Policy):
             actions = fill_padded(actions, is_pad)
         k = self.config.flow_samples
         embedding = self._language_input(batch)
-        context = [(keys.repeat(k, 1, 1, 1), values.repeat(k, 1, 1, 1))
-                   for keys, values in self.context(self.encode_prefix(batch, embedding))]
+        prefix = self.encode_prefix(batch, embedding)
+        context = [(keys.repeat(k, 1, 1, 1), values.repeat(k, 1, 1, 1)) for keys, values in self.context(prefix)]
         actions = actions.repeat(k, 1, 1)
         t = draw_flow_time(self.config.time_sampling, actions.shape[0], actions.device)
         x_t, target = flow_pair(actions, torch.randn_like(actions), t)
-        condition = self.time_embed(t * TIME_SCALE) + self.language_to_expert(embedding).repeat(k, 1)
+        condition = self.time_embed(t * TIME_SCALE) + self.global_condition(batch, prefix, embedding).repeat(k, 1)
         error = self.velocity(x_t, condition, context) - target
         loss = chunk_loss(error, None if is_pad is None else is_pad.repeat(k, 1))
         return loss, {"loss": loss.item()}
@@ -191,15 +206,16 @@ class VLAPolicy(Policy):
     def predict_chunk(self, obs: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
         check_observation(obs, self.shapes)
         embedding = self._language_input(obs)
-        context = self.context(self.encode_prefix(obs, embedding))
+        prefix = self.encode_prefix(obs, embedding)
+        context = self.context(prefix)
         batch = embedding.shape[0]
         if noise is None:
             noise = torch.randn(self.noise_shape(batch), device=self.euler_time.device)
         self.check_chunk("noise", noise)
         time_embedding = self.time_embed(self.euler_time)  # [K, D], once for all steps
-        language_path = self.language_to_expert(embedding)  # [B, D]
+        condition = self.global_condition(obs, prefix, embedding)  # [B, D]
         x = euler_integrate(
-            noise, lambda x_k, k: self.velocity(x_k, time_embedding[k : k + 1] + language_path, context),
+            noise, lambda x_k, k: self.velocity(x_k, time_embedding[k : k + 1] + condition, context),
             self.config.num_inference_steps)
         start = self.config.n_obs_steps - 1
         chunk = x[:, start : start + self.config.n_action_steps]
