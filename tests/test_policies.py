@@ -260,7 +260,7 @@ def test_onnx_export_matches_torch(family: str, image: bool, tmp_path) -> None:
 
 # -- factory ---------------------------------------------------------------------------------
 def test_factory_names_and_round_trip() -> None:
-    assert policy_families() == ["diffusion", "flow"]
+    assert policy_families() == ["diffusion", "flow", "vla"]
     spec = make_spec().with_timing(2, 8, 3)
     policy = make_policy("flow", spec, {k: v for k, v in TINY.items() if k not in ("horizon", "n_action_steps")})
     assert (policy.config.horizon, policy.config.n_action_steps) == (8, 3)  # timing from the spec
