@@ -26,8 +26,9 @@ from robopolicy.spec import ENV_STATE, LANGUAGE, STATE, Stats, spec_from_observa
 from robopolicy.train.checkpoint import load_policy, save_policy
 from robopolicy.train.trainer import TrainConfig, train
 
-TINY = {"dim": 16, "heads": 2, "depth": 1, "expert_depth": 1, "mlp_ratio": 2, "language_tokens": 1,
-        "image_channels": [8, 8], "image_token_grid": 2, "num_inference_steps": 2, "horizon": 8, "n_action_steps": 4}
+TINY = {"dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2, "language_tokens": 1, "image_channels": [8, 8],
+        "image_token_grid": 2, "down_dims": [16, 32], "time_embed_dim": 8, "state_mlp_dims": [32],
+        "num_inference_steps": 2, "horizon": 8, "n_action_steps": 4}
 IMAGE = "observation.images.front"
 
 
@@ -65,7 +66,7 @@ def test_factory_builds_vla_with_the_frozen_encoders_instruction_embeddings(data
     policy = make_policy("vla", spec, TINY)
     assert policy.spec.features[LANGUAGE].shape == (language.EMBED_DIM,) and ENV_STATE in policy.spec.features
     assert LANGUAGE not in policy.spec.observation_keys  # computed from the task string, not read from the env
-    table = policy.instruction_embeddings
+    table = policy.encoder.instruction_embeddings
     torch.testing.assert_close(table, language.embed(spec.tasks))
     torch.testing.assert_close(table.norm(dim=1), torch.ones(len(spec.tasks)))
     assert sum(p.numel() for p in policy.parameters()) < 1e6  # MiniLM (22 M) is frozen outside the policy
@@ -84,7 +85,7 @@ def test_a_tiny_vla_trains_and_its_checkpoint_needs_no_text_encoder(run: Path, m
 
     monkeypatch.setattr(language, "_embed_one", no_encoder)
     policy = load_policy(run)
-    torch.testing.assert_close(policy.instruction_embeddings, expected)
+    torch.testing.assert_close(policy.encoder.instruction_embeddings, expected)
     obs, noise = _observation(policy.spec), np.random.default_rng(0).standard_normal((1, 8, 2), dtype=np.float32)
     chunk = _torch_chunk(policy, obs, policy.spec.tasks[0], noise)
     assert chunk.shape == (1, 4, 2) and np.isfinite(chunk).all()

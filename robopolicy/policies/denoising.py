@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from robopolicy.errors import RobopolicyError
 from robopolicy.policies.base import Policy, PolicyConfig
@@ -100,16 +101,7 @@ class DenoisingPolicy(Policy):
     def __init__(self, config: DenoisingConfig, spec: FeatureSpec) -> None:
         super().__init__(config, spec)
         self.action_normalizer = Normalizer([self.spec.action])
-        self.encoder = ObservationEncoder(
-            self.spec.state_features,
-            self.spec.image_features,
-            n_obs_steps=config.n_obs_steps,
-            state_mlp_dims=config.state_mlp_dims,
-            image_channels=config.image_channels,
-            image_keypoints=config.image_keypoints,
-            image_feature_dim=config.image_feature_dim,
-            crop_ratio=config.crop_ratio,
-        )
+        self.encoder = self.make_encoder()
         self.unet = ConditionalUnet1d(
             action_dim=self.spec.action.dim,
             cond_dim=self.encoder.out_dim,
@@ -120,6 +112,20 @@ class DenoisingPolicy(Policy):
         )
 
     # -- family hooks --------------------------------------------------------------------
+    def make_encoder(self) -> nn.Module:
+        """The observation encoder: ``check(obs)``, ``forward(obs) -> [B, out_dim]``, ``out_dim``."""
+        config = self.config
+        return ObservationEncoder(
+            self.spec.state_features,
+            self.spec.image_features,
+            n_obs_steps=config.n_obs_steps,
+            state_mlp_dims=config.state_mlp_dims,
+            image_channels=config.image_channels,
+            image_keypoints=config.image_keypoints,
+            image_feature_dim=config.image_feature_dim,
+            crop_ratio=config.crop_ratio,
+        )
+
     def training_pair(self, actions: torch.Tensor, noise: torch.Tensor) -> TrainingPair:
         """From clean normalized ``actions`` and ``noise`` (both ``[B, Da, Tp]``), one time per sample."""
         raise NotImplementedError

@@ -1,10 +1,7 @@
-"""Transformer pieces of the VLA: multi-head attention with reusable keys / values, pre-LN blocks,
-and the image tokenizer.
+"""Transformer pieces of the VLA: multi-head self-attention, pre-LN blocks, and the image tokenizer.
 
 Written with plain ops (``scaled_dot_product_attention``, ``Linear``, ``LayerNorm``) rather
-than ``nn.TransformerEncoderLayer``, whose inference fast path does not export to ONNX, and so
-that the expert's cross-attention keys / values of the prefix are computed once per chunk
-(a KV cache) instead of once per Euler step.
+than ``nn.TransformerEncoderLayer``, whose inference fast path does not export to ONNX.
 """
 
 from __future__ import annotations
@@ -19,49 +16,35 @@ from torch import nn
 from robopolicy.errors import SpecMismatchError
 from robopolicy.policies.encoders import RandomCrop, to_float_chw
 
-KeysValues = tuple[torch.Tensor, torch.Tensor]
-
 
 class Attention(nn.Module):
-    """Multi-head attention of queries ``x [B, N, D]`` over precomputed ``keys_values(context)``."""
+    """Multi-head self-attention over ``x [B, N, D]``."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.query = nn.Linear(dim, dim)
-        self.key_value = nn.Linear(dim, 2 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def keys_values(self, context: torch.Tensor) -> KeysValues:
-        """``context [B, S, D]`` -> keys and values ``[B, heads, S, D / heads]`` each."""
-        k, v = self.key_value(context).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
-
-    def forward(self, x: torch.Tensor, kv: KeysValues) -> torch.Tensor:
-        q = self.query(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        return self.out(F.scaled_dot_product_attention(q, *kv).transpose(1, 2).flatten(2))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: self-attention, cross-attention to a context (if ``cross``), MLP."""
+    """Pre-LN transformer block: self-attention, then an MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float, cross: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim) if cross else None
-        self.cross = Attention(dim, heads) if cross else None
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, context: KeysValues | None = None) -> torch.Tensor:
-        """``x [B, N, D]``; ``context``: this block's ``cross.keys_values(...)`` when it has cross-attention."""
-        h = self.norm1(x)
-        x = x + self.drop(self.attn(h, self.attn.keys_values(h)))
-        if self.cross is not None:
-            x = x + self.drop(self.cross(self.norm2(x), context))
-        return x + self.drop(self.mlp(self.norm3(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class ImageTokenizer(nn.Module):
