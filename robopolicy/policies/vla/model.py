@@ -6,8 +6,9 @@ as ``obs["task"]`` (``list[str]``, one per row) or its embedding ``obs["observat
 
 * **Language**: the frozen sentence embedding (:mod:`~robopolicy.policies.vla.language`) is
   standardized with the statistics of the training instructions (their mean removed, so
-  what tells them apart is what is left, scaled to unit RMS norm: sentence embeddings of
-  similar instructions share most of their direction), then enters twice: as
+  what tells them apart is what is left, scaled to unit RMS per dimension, the scale of
+  the other inputs: sentence embeddings of similar instructions share most of their
+  direction), then enters twice: as
   ``language_tokens`` prefix tokens (a linear map) and in the expert's condition. The
   embeddings of the training instructions are computed once, when the policy is made,
   and kept in the buffer ``encoder.instruction_embeddings`` (rows in ``spec.tasks`` order)
@@ -89,12 +90,12 @@ class VisionLanguageEncoder(nn.Module):
 
     # -- language --------------------------------------------------------------------------
     def set_instructions(self, table: torch.Tensor) -> None:
-        """Store the training instructions' embeddings ``[N, E]`` and standardize over them."""
+        """Store the training instructions' embeddings ``[N, E]`` and the statistics that standardize them."""
         self.instruction_embeddings.copy_(table)
         if len(table) > 1:
             centered = table - table.mean(dim=0)
             self.language_center.copy_(table.mean(dim=0))
-            self.language_scale.fill_(float(centered.square().sum(dim=1).mean().rsqrt()))
+            self.language_scale.fill_(float(centered.square().mean().rsqrt()))
 
     def embed_instructions(self, tasks: Sequence[str], batch_size: int) -> torch.Tensor:
         """Cached embeddings ``[B, E]`` of ``tasks`` (one per row); an unknown or empty one is an error."""
