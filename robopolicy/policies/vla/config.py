@@ -24,7 +24,7 @@ class VLAConfig(FlowConfig):
     """
 
     type: ClassVar[str] = "vla"
-    # About 45 minutes at batch 64 on this 2-core CPU shared with other jobs (see README).
+    # Measured: 24.8 minutes at batch 64 on this 2-core CPU shared with other jobs, load 3-5 (README).
     train_steps: ClassVar[int] = 3000
     down_dims: tuple[int, ...] = (48, 96, 192)
     image_channels: tuple[int, ...] = (32, 64)
