@@ -58,29 +58,26 @@ def test_fresh_residual_actor_returns_the_base_action(base_run: Path) -> None:
     base = torch.rand(64, 2) * 2.4 - 1.2  # some outside the action box
     np.testing.assert_array_equal(agent.act(state, base, explore=False, warmup=False), base.clamp(-1, 1))
     # The evaluator runs it like any policy: same actions as the base alone with the same noise.
+    _assert_executes_like_base(policy, steps=10, shift=0.0, atol=1e-6)
+
+
+def _assert_executes_like_base(policy, steps: int, shift: float, atol: float) -> None:
+    """On push, the residual policy executes ``clip(base action + shift)`` at every step."""
     env = make_env("push")
     plain = ChunkExecutor(TorchChunkPredictor(policy.base, seed=1))
     residual = ChunkExecutor(TorchChunkPredictor(policy, seed=1))
     plain.reset(), residual.reset()
     obs, info = env.reset(seed=0)
-    for _ in range(10):
+    for _ in range(steps):
         a = plain.act(obs, info["task"])
-        np.testing.assert_allclose(residual.act(obs, info["task"]), np.clip(a, -1, 1), atol=1e-6)
-        obs, *_ , info = env.step(a)
+        np.testing.assert_allclose(residual.act(obs, info["task"]), np.clip(a + shift, -1, 1), atol=atol)
+        obs, *_, info = env.step(a)
 
 
 def test_evaluator_applies_the_residual_per_step(base_run: Path) -> None:
     policy = _residual(base_run, scale=0.25)
     torch.nn.init.constant_(policy.actor.net[-1].bias, 10.0)  # residual saturates at +scale
-    env = make_env("push")
-    plain = ChunkExecutor(TorchChunkPredictor(policy.base, seed=1))
-    residual = ChunkExecutor(TorchChunkPredictor(policy, seed=1))
-    plain.reset(), residual.reset()
-    obs, info = env.reset(seed=0)
-    for _ in range(6):
-        a = plain.act(obs, info["task"])
-        np.testing.assert_allclose(residual.act(obs, info["task"]), np.clip(a + 0.25, -1, 1), atol=1e-5)
-        obs, *_, info = env.step(a)
+    _assert_executes_like_base(policy, steps=6, shift=0.25, atol=1e-5)
 
 
 def test_vectorized_chunk_runner_matches_the_evaluators_executor(base_run: Path) -> None:
