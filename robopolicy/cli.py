@@ -117,7 +117,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="LeRobotDataset folder")
     p.add_argument("--out", required=True, help="run folder (checkpoints, curves, tensorboard)")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="optimizer steps (default: the policy family's: 4000 for diffusion / flow, 2500 for vla)")
+                   help="optimizer steps (default: the policy family's: 4000 for diffusion / flow, 3000 for vla)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema-decay", type=float, default=0.995)
