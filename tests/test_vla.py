@@ -5,6 +5,7 @@ MiniLM encoder is loaded once per test session (``language.sentence_encoder`` is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from robopolicy.export import ObservationError, export_policy
 from robopolicy.export import load_policy as load_exported
 from robopolicy.policies.factory import make_policy, policy_families
 from robopolicy.policies.vla import language
+from robopolicy.policies.vla.objects import candidate_objects
 from robopolicy.sim import make_env
 from robopolicy.spec import ENV_STATE, LANGUAGE, STATE, Stats, spec_from_observation_space
 from robopolicy.train.checkpoint import load_policy, save_policy
@@ -72,6 +74,27 @@ def test_factory_builds_vla_with_the_frozen_encoders_instruction_embeddings(data
     assert sum(p.numel() for p in policy.parameters()) < 1e6  # MiniLM (22 M) is frozen outside the policy
     camera_only = make_policy("vla", spec, {**TINY, "use_environment_state": False})
     assert ENV_STATE not in camera_only.spec.features and STATE in camera_only.spec.features
+
+
+def test_objects_are_grouped_by_name_and_the_instruction_picks_the_named_block(dataset: Path) -> None:
+    names = ["red.x", "red.y", "red.yaw", "blue.x", "blue.y", "blue.yaw", "goal.x", "goal.y", "time"]
+    assert candidate_objects(names) == {"red": [0, 1, 2], "blue": [3, 4, 5]}
+    assert candidate_objects(["red.x", "red.y", "goal.x", "goal.z"]) == {}  # no two objects share fields
+    assert candidate_objects(["x", "y"]) == {} and candidate_objects(None) == {}
+    policy = make_policy("vla", dataset_spec(open_dataset(dataset)), TINY)
+    pointer = policy.encoder.instructed_object
+    assert pointer.names == ["red_block", "green_block", "blue_block"] and pointer.rest.tolist() == [12, 13]
+    assert pointer.fields.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    # grounded by the frozen sentence encoder: each instruction weights the block it names
+    weights = pointer.weights(language.embed(policy.spec.tasks))
+    for task, row in zip(policy.spec.tasks, weights):
+        assert row.max() > 0.99 and pointer.names[int(row.argmax())].split("_")[0] in task, (task, row)
+    state = torch.arange(14.0).expand(1, 2, 14)
+    picked = pointer(state, language.embed(["push the blue block to the goal"]))
+    torch.testing.assert_close(picked, torch.tensor([8.0, 9, 10, 11, 12, 13]).expand(1, 2, 6), atol=1e-2, rtol=0)
+    assert make_policy("vla", policy.spec, {**TINY, "select_object": False}).encoder.instructed_object is None
+    one_task = dataclasses.replace(policy.spec, tasks=policy.spec.tasks[:1])  # nothing to tell candidates apart
+    assert make_policy("vla", one_task, TINY).encoder.instructed_object is None
 
 
 def test_a_tiny_vla_trains_and_its_checkpoint_needs_no_text_encoder(run: Path, monkeypatch) -> None:

@@ -13,8 +13,9 @@ the goal is a disc drawn on the table (no collision). Two tasks share the scene
 Action: a 2-D pusher velocity command in ``[-1, 1]`` (1 = :data:`MAX_SPEED`), applied as a
 position-servo target one control period ahead of the pusher. Observations:
 ``observation.state`` = pusher x, y, vx, vy; ``observation.environment_state`` = per block
-x, y, cos(yaw), sin(yaw), then the goal x, y; optional ``observation.images.<cam>`` from the
-``top`` and ``front`` cameras.
+x, y, cos(yaw), sin(yaw), then the goal x, y, named ``<colour>_block.<field>`` and
+``goal.<field>`` (the ``<object>.<field>`` names let the VLA find the block an instruction
+names); optional ``observation.images.<cam>`` from the ``top`` and ``front`` cameras.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class PushEnv(RobopolicyEnv):
         self._cameras = Cameras(m, self._data, self.cameras, self.image_size, owner=self.name)
         self.feature_names = {
             STATE: ["pusher_x", "pusher_y", "pusher_vx", "pusher_vy"],
-            ENV_STATE: [f"{c}_block_{k}" for c in task.colours for k in ("x", "y", "cos_yaw", "sin_yaw")]
-            + ["goal_x", "goal_y"],
+            ENV_STATE: [f"{c}_block.{k}" for c in task.colours for k in ("x", "y", "cos_yaw", "sin_yaw")]
+            + ["goal.x", "goal.y"],
             ACTION: ["pusher_vx_cmd", "pusher_vy_cmd"],
         }
         self.observation_space = self._make_observation_space()

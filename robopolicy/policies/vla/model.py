@@ -17,6 +17,9 @@ as ``obs["task"]`` (``list[str]``, one per row) or its embedding ``obs["observat
 * **Prefix** ``[language, images (camera-major, then step), state per step, readout]`` plus
   learned positions goes through ``depth`` bidirectional blocks once per chunk; the
   learned readout token (as in Octo) gathers what the expert needs.
+* **Instructed object** (:mod:`~robopolicy.policies.vla.objects`): with two or more
+  training instructions, the state MLP gets, of the environment state, only the object
+  whose name the instruction's sentence embedding matches (plus the features of no object).
 * **Action expert**: the flow policy's FiLM U-Net over the chunk (rectified flow, Euler
   steps), conditioned on ``[readout output, instruction, state MLP]``: FiLM gives every
   block of the expert the instruction and the state directly, which a small model learns
@@ -38,6 +41,7 @@ from robopolicy.policies.flow.model import FlowPolicy
 from robopolicy.policies.normalize import Normalizer
 from robopolicy.policies.vla import language
 from robopolicy.policies.vla.blocks import Block, ImageTokenizer
+from robopolicy.policies.vla.objects import InstructedObject, candidate_objects, object_phrase
 from robopolicy.policies.vla.config import VLAConfig
 from robopolicy.spec import ENV_STATE, LANGUAGE, Feature, FeatureSpec, check_instruction
 
@@ -84,8 +88,15 @@ class VisionLanguageEncoder(nn.Module):
         self.backbone = nn.ModuleList(Block(d, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth))
         self.backbone_norm = nn.LayerNorm(d)
         self.language_out = nn.Linear(language.EMBED_DIM, d)
-        self.state_mlp = mlp(to * state_dim, config.state_mlp_dims) if states else None
-        state_out = (config.state_mlp_dims[-1] if config.state_mlp_dims else to * state_dim) if states else 0
+        env = next((f for f in states if f.name == ENV_STATE), None)
+        # Only where instructions differ: with one, nothing says which candidate matters.
+        select = env is not None and config.select_object and len(self.tasks) >= 2
+        candidates = candidate_objects(env.names) if select else {}
+        self.instructed_object = (
+            InstructedObject(candidates, env.dim, language.EMBED_DIM) if candidates else None)
+        mlp_dim = state_dim - (env.dim - self.instructed_object.out_dim if self.instructed_object else 0)
+        self.state_mlp = mlp(to * mlp_dim, config.state_mlp_dims) if states else None
+        state_out = (config.state_mlp_dims[-1] if config.state_mlp_dims else to * mlp_dim) if states else 0
         self.out_dim = 2 * d + state_out
 
     # -- language --------------------------------------------------------------------------
@@ -107,7 +118,7 @@ class VisionLanguageEncoder(nn.Module):
         return self.instruction_embeddings[torch.tensor(rows, device=self.instruction_embeddings.device)]
 
     def instruction(self, obs: dict[str, Any]) -> torch.Tensor:
-        """Standardized instruction embeddings ``[B, E]``: ``obs["observation.language"]`` if given, else looked up."""
+        """Sentence embeddings ``[B, E]`` of the instructions: ``obs["observation.language"]`` if given, else looked up."""
         batch = next(iter(obs[k] for k in self.shapes)).shape[0]
         if LANGUAGE in obs:
             embedding = obs[LANGUAGE]
@@ -117,7 +128,7 @@ class VisionLanguageEncoder(nn.Module):
                     f"[{batch}, {language.EMBED_DIM}]")
         else:
             embedding = self.embed_instructions(obs.get("task"), batch)
-        return (embedding - self.language_center) * self.language_scale
+        return embedding
 
     # -- the encoder interface of the denoising policies -------------------------------------
     def check(self, obs: dict[str, Any]) -> None:
@@ -125,16 +136,20 @@ class VisionLanguageEncoder(nn.Module):
         check_observation(obs, self.shapes)
 
     def forward(self, obs: dict[str, Any]) -> torch.Tensor:
-        embedding = self.instruction(obs)
+        sentence = self.instruction(obs)
+        embedding = (sentence - self.language_center) * self.language_scale
         b, d = embedding.shape[0], self.dim
         tokens = [self.language(embedding).view(b, self.language_tokens, d)]
         for key, camera in zip(self.image_keys, self.cameras):
             tokens.append(camera(obs[key].flatten(0, 1)).reshape(b, -1, d))
         parts = [self.language_out(embedding)]
         if self.state is not None:
-            state = torch.cat([self.normalizer.normalize(k, obs[k]) for k in self.state_keys], dim=-1)
+            normalized = {k: self.normalizer.normalize(k, obs[k]) for k in self.state_keys}
+            state = torch.cat(list(normalized.values()), dim=-1)
             tokens.append(self.state(state))
-            parts.append(self.state_mlp(state.flatten(1)))
+            if self.instructed_object is not None:
+                normalized[ENV_STATE] = self.instructed_object(normalized[ENV_STATE], sentence)
+            parts.append(self.state_mlp(torch.cat(list(normalized.values()), dim=-1).flatten(1)))
         tokens.append(self.readout.expand(b, -1, -1))
         x = torch.cat(tokens, dim=1) + self.prefix_position
         for blk in self.backbone:
@@ -155,8 +170,11 @@ class VLAPolicy(FlowPolicy):
         return VisionLanguageEncoder(self.spec, self.config)
 
     def setup_new(self) -> None:
-        """Embed the training instructions with the frozen encoder (once; checkpoints keep them)."""
+        """Embed the training instructions and the candidate objects' names with the frozen encoder
+        (once; checkpoints keep them)."""
         self.encoder.set_instructions(language.embed(self.spec.tasks))
+        if (pointer := self.encoder.instructed_object) is not None:
+            pointer.set_name_embeddings(language.embed([object_phrase(n) for n in pointer.names]))
 
     def language_info(self) -> dict[str, Any]:
         table = self.encoder.instruction_embeddings
