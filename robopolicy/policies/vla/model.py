@@ -41,8 +41,8 @@ from robopolicy.policies.flow.model import FlowPolicy
 from robopolicy.policies.normalize import Normalizer
 from robopolicy.policies.vla import language
 from robopolicy.policies.vla.blocks import Block, ImageTokenizer
-from robopolicy.policies.vla.objects import InstructedObject, candidate_objects, object_phrase
 from robopolicy.policies.vla.config import VLAConfig
+from robopolicy.policies.vla.objects import InstructedObject, candidate_objects, object_phrase
 from robopolicy.spec import ENV_STATE, LANGUAGE, Feature, FeatureSpec, check_instruction
 
 
@@ -92,9 +92,9 @@ class VisionLanguageEncoder(nn.Module):
         # Only where instructions differ: with one, nothing says which candidate matters.
         select = env is not None and config.select_object and len(self.tasks) >= 2
         candidates = candidate_objects(env.names) if select else {}
-        self.instructed_object = (
-            InstructedObject(candidates, env.dim, language.EMBED_DIM) if candidates else None)
-        mlp_dim = state_dim - (env.dim - self.instructed_object.out_dim if self.instructed_object else 0)
+        self.instructed_object = InstructedObject(candidates, env.dim, language.EMBED_DIM) if candidates else None
+        # the state MLP's input: the environment state narrowed to the instructed object
+        mlp_dim = state_dim - env.dim + self.instructed_object.out_dim if candidates else state_dim
         self.state_mlp = mlp(to * mlp_dim, config.state_mlp_dims) if states else None
         state_out = (config.state_mlp_dims[-1] if config.state_mlp_dims else to * mlp_dim) if states else 0
         self.out_dim = 2 * d + state_out
