@@ -226,6 +226,18 @@ def test_fp16_export_runs_and_reexport_replaces(exports, tmp_path) -> None:
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
+def test_torch_eager_is_timed_on_onnxruntimes_thread_count(exports, tmp_path) -> None:
+    """A like-for-like ratio, and one that another busy process cannot blow up 4x (two torch
+    threads on a 2-core VM with a core taken); the caller's thread count is restored."""
+    torch.set_num_threads(2)
+    try:
+        perf = export_policy(exports["diffusion"][0], tmp_path / "threads", latency_runs=3).manifest["performance"]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert perf["torch_eager"]["threads"] == perf["onnxruntime"]["threads"] == 1
+
+
 @pytest.mark.slow
 def test_dynamo_exporter(exports, tmp_path) -> None:
     report = export_policy(exports["flow"][0], tmp_path / "dynamo", exporter="dynamo", latency_runs=3)

@@ -7,14 +7,14 @@ outputs there and returns a JSON-able result. Files the report shows are listed 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from robopolicy.demo.config import EVAL_SEED, DemoConfig
 from robopolicy.errors import RobopolicyError
+from robopolicy.export.latency import torch_threads
 
 StageFn = Callable[[DemoConfig, Path], dict[str, Any]]
 
@@ -30,20 +30,6 @@ class Stage:
     needs: tuple[str, ...]  # stages whose outputs it reads
     settings: Callable[[DemoConfig], dict[str, Any]]  # a change of these makes a finished run stale
     run: StageFn
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Batch-1 inference gains nothing from a second thread here, and stalls when another
-    process holds a core: evaluations and latency measurements run on one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def collect_demos(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
@@ -70,6 +56,8 @@ def _evaluate(predictor: Any, cfg: DemoConfig, folder: Path, video: bool = False
     from robopolicy.train.evaluate import EvalConfig, evaluate
 
     b = cfg.budget
+    # Batch-1 inference gains nothing from a second thread here, and stalls when another
+    # process holds a core.
     with torch_threads(1):
         r = evaluate(predictor, EvalConfig(env=cfg.env, episodes=b.eval_episodes, seed=EVAL_SEED,
                                            video=folder / "rollouts.mp4" if video else None,
@@ -117,8 +105,7 @@ def eval_rl(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
 def export_onnx(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     from robopolicy.export import export_policy
 
-    with torch_threads(1):  # ONNX Runtime is timed on one thread: torch eager too
-        report = export_policy(checkpoint=cfg.folder("finetune") / RUN, out=folder / MODEL)
+    report = export_policy(checkpoint=cfg.folder("finetune") / RUN, out=folder / MODEL)
     print(report.summary())
     m = report.manifest
     parity, perf = m["parity"], m["performance"]

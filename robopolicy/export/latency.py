@@ -10,9 +10,10 @@ caller sees).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,24 @@ class Latency:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (then restore the count).
+
+    Torch eager is timed on as many threads as ONNX Runtime, for a like-for-like ratio. It
+    also keeps the figure meaningful: on this 2-core VM with another process busy, the VLA's
+    chunk took 50 ms on one torch thread and 210 ms on two, in the same process.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure(fn: Callable[[], object], runs: int, warmup: int = 5) -> Latency:

@@ -418,9 +418,10 @@ def _correction_latency(
     session = ort.InferenceSession(str(stage / RESIDUAL_FILE), session_options(threads), providers=["CPUExecutionProvider"])
     ort_latency = latency.measure(lambda: session.run(None, step), runs)
     obs, base = torch_correction_args(step)
-    torch_latency = latency.measure(lambda: policy.correct_action(obs, base), runs)
+    with latency.torch_threads(threads):
+        torch_latency = latency.measure(lambda: policy.correct_action(obs, base), runs)
     return {"onnxruntime": {**ort_latency.to_dict(), "threads": threads},
-            "torch_eager": {**torch_latency.to_dict(), "threads": torch.get_num_threads()}}
+            "torch_eager": {**torch_latency.to_dict(), "threads": threads}}
 
 
 def _performance(
@@ -437,14 +438,14 @@ def _performance(
     ort_latency = latency.measure(lambda: session.run(None, example), runs)
     obs = {k: torch.from_numpy(v) for k, v in example.items() if k != NOISE}
     noise = torch.from_numpy(example[NOISE])
-    with torch.inference_mode():
+    with torch.inference_mode(), latency.torch_threads(threads):
         torch_latency = latency.measure(lambda: policy.predict_chunk(obs, noise), max(runs // 10, 5), warmup=2)
     flops = graph_ops.count_flops(simplified)
     weight_bytes = graph_ops.weight_bytes_read(simplified)
     peak, stream = latency.cpu_peak_gflops(threads), latency.weight_stream_gbps(threads)
     return {
         "onnxruntime": {**ort_latency.to_dict(), "threads": threads},
-        "torch_eager": {**torch_latency.to_dict(), "threads": torch.get_num_threads()},
+        "torch_eager": {**torch_latency.to_dict(), "threads": threads},
         "ratio_onnxruntime_to_torch": round(ort_latency.p50_ms / torch_latency.p50_ms, 4),
         "gflop_per_chunk": flops / 1e9,
         "weight_mb_per_chunk": weight_bytes / 1e6,
