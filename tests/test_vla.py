@@ -97,6 +97,27 @@ def test_objects_are_grouped_by_name_and_the_instruction_picks_the_named_block(d
     assert make_policy("vla", one_task, TINY).encoder.instructed_object is None
 
 
+def test_blocks_the_instruction_does_not_name_do_not_reach_the_policy(dataset: Path) -> None:
+    """Neither the state token nor the state MLP sees them (state only: a camera sees every block)."""
+    spec = dataset_spec(open_dataset(dataset))
+    spec = dataclasses.replace(spec, features={k: f for k, f in spec.features.items() if k != IMAGE})
+    encoder = make_policy("vla", spec, TINY).encoder.eval()
+    obs = {k: torch.from_numpy(v) for k, v in _observation(spec).items()}
+    blue = "push the blue block to the goal"
+
+    def condition(block: int) -> torch.Tensor:  # the encoder's output with one block moved 5 cm in x
+        moved = {**obs, ENV_STATE: obs[ENV_STATE].clone()}
+        if block >= 0:
+            moved[ENV_STATE][..., 4 * block] += 0.05
+        with torch.no_grad():
+            return encoder({**moved, "task": [blue]})
+
+    still = condition(-1)
+    assert (condition(2) - still).abs().max() > 1e-2  # the blue block moved: the condition follows
+    for ignored in (0, 1):  # red, green
+        assert (condition(ignored) - still).abs().max() < 1e-2 * (condition(2) - still).abs().max()
+
+
 def test_a_tiny_vla_trains_and_its_checkpoint_needs_no_text_encoder(run: Path, monkeypatch) -> None:
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 20 and np.isfinite(summary["final_loss"])

@@ -18,8 +18,9 @@ as ``obs["task"]`` (``list[str]``, one per row) or its embedding ``obs["observat
   learned positions goes through ``depth`` bidirectional blocks once per chunk; the
   learned readout token (as in Octo) gathers what the expert needs.
 * **Instructed object** (:mod:`~robopolicy.policies.vla.objects`): with two or more
-  training instructions, the state MLP gets, of the environment state, only the object
-  whose name the instruction's sentence embedding matches (plus the features of no object).
+  training instructions, the state token and the state MLP get, of the environment state,
+  only the object whose name the instruction's sentence embedding matches (plus the
+  features of no object).
 * **Action expert**: the flow policy's FiLM U-Net over the chunk (rectified flow, Euler
   steps), conditioned on ``[readout output, instruction, state MLP]``: FiLM gives every
   block of the expert the instruction and the state directly, which a small model learns
@@ -81,7 +82,6 @@ class VisionLanguageEncoder(nn.Module):
             ImageTokenizer(f.shape, config.image_channels, config.image_token_grid, d, config.crop_ratio) for f in images
         )
         state_dim = sum(f.dim for f in states)
-        self.state = nn.Linear(state_dim, d) if states else None
         self.readout = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         n_prefix = config.language_tokens + to * sum(c.num_tokens for c in self.cameras) + (to if states else 0) + 1
         self.prefix_position = nn.Parameter(torch.randn(1, n_prefix, d) * 0.02)
@@ -93,10 +93,11 @@ class VisionLanguageEncoder(nn.Module):
         select = env is not None and config.select_object and len(self.tasks) >= 2
         candidates = candidate_objects(env.names) if select else {}
         self.instructed_object = InstructedObject(candidates, env.dim, language.EMBED_DIM) if candidates else None
-        # the state MLP's input: the environment state narrowed to the instructed object
-        mlp_dim = state_dim - env.dim + self.instructed_object.out_dim if candidates else state_dim
-        self.state_mlp = mlp(to * mlp_dim, config.state_mlp_dims) if states else None
-        state_out = (config.state_mlp_dims[-1] if config.state_mlp_dims else to * mlp_dim) if states else 0
+        # the state token's and the state MLP's input: the environment state narrowed to the instructed object
+        state_in = state_dim - env.dim + self.instructed_object.out_dim if candidates else state_dim
+        self.state = nn.Linear(state_in, d) if states else None
+        self.state_mlp = mlp(to * state_in, config.state_mlp_dims) if states else None
+        state_out = (config.state_mlp_dims[-1] if config.state_mlp_dims else to * state_in) if states else 0
         self.out_dim = 2 * d + state_out
 
     # -- language --------------------------------------------------------------------------
@@ -145,11 +146,11 @@ class VisionLanguageEncoder(nn.Module):
         parts = [self.language_out(embedding)]
         if self.state is not None:
             normalized = {k: self.normalizer.normalize(k, obs[k]) for k in self.state_keys}
-            state = torch.cat(list(normalized.values()), dim=-1)
-            tokens.append(self.state(state))
             if self.instructed_object is not None:
                 normalized[ENV_STATE] = self.instructed_object(normalized[ENV_STATE], sentence)
-            parts.append(self.state_mlp(torch.cat(list(normalized.values()), dim=-1).flatten(1)))
+            state = torch.cat(list(normalized.values()), dim=-1)
+            tokens.append(self.state(state))
+            parts.append(self.state_mlp(state.flatten(1)))
         tokens.append(self.readout.expand(b, -1, -1))
         x = torch.cat(tokens, dim=1) + self.prefix_position
         for blk in self.backbone:
