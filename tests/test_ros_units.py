@@ -23,7 +23,7 @@ from robopolicy.spec import ACTION, ENV_STATE, STATE, Feature, FeatureSpec, Stat
 
 CONFIG = Path(__file__).resolve().parent.parent / "real" / "config"
 STATE_NAMES = ["pusher_x", "pusher_y", "pusher_vx", "pusher_vy"]
-ENV_NAMES = ["red_block.x", "red_block.y", "red_block.cos_yaw", "red_block.sin_yaw", "goal.x", "goal.y"]
+ENV_NAMES = ["red_block.dx", "red_block.dy", "red_block.cos_yaw", "red_block.sin_yaw", "goal.dx", "goal.dy"]
 ACTION_NAMES = ["pusher_vx_cmd", "pusher_vy_cmd"]
 
 

@@ -13,9 +13,14 @@ the goal is a disc drawn on the table (no collision). Two tasks share the scene
 Action: a 2-D pusher velocity command in ``[-1, 1]`` (1 = :data:`MAX_SPEED`), applied as a
 position-servo target one control period ahead of the pusher. Observations:
 ``observation.state`` = pusher x, y, vx, vy; ``observation.environment_state`` = per block
-x, y, cos(yaw), sin(yaw), then the goal x, y, named ``<colour>_block.<field>`` and
-``goal.<field>`` (the ``<object>.<field>`` names let the VLA find the block an instruction
-names); optional ``observation.images.<cam>`` from the ``top`` and ``front`` cameras.
+its position relative to the pusher (dx, dy) and cos(yaw), sin(yaw), then the goal's dx, dy,
+named ``<colour>_block.<field>`` and ``goal.<field>`` (the ``<object>.<field>`` names let the
+VLA find the block an instruction names); optional ``observation.images.<cam>`` from the
+``top`` and ``front`` cameras. Object positions are relative to the pusher, as robosuite's
+``gripper_to_cube_pos``: pushing looks the same anywhere on the table, and a policy that
+sees offsets learns it from fewer demonstrations (state-only ``multitask``, VLA, 150 demos:
+45/100 successes against 34/100 with table coordinates). A tracker on the robot publishes
+them in the pusher's frame (translation only).
 """
 
 from __future__ import annotations
@@ -118,8 +123,8 @@ class PushEnv(RobopolicyEnv):
         self._cameras = Cameras(m, self._data, self.cameras, self.image_size, owner=self.name)
         self.feature_names = {
             STATE: ["pusher_x", "pusher_y", "pusher_vx", "pusher_vy"],
-            ENV_STATE: [f"{c}_block.{k}" for c in task.colours for k in ("x", "y", "cos_yaw", "sin_yaw")]
-            + ["goal.x", "goal.y"],
+            ENV_STATE: [f"{c}_block.{k}" for c in task.colours for k in ("dx", "dy", "cos_yaw", "sin_yaw")]
+            + ["goal.dx", "goal.dy"],
             ACTION: ["pusher_vx_cmd", "pusher_vy_cmd"],
         }
         self.observation_space = self._make_observation_space()
@@ -236,8 +241,11 @@ class PushEnv(RobopolicyEnv):
 
     def _observe(self) -> dict[str, np.ndarray]:
         d = self._data
-        state = np.concatenate([d.qpos[self._pusher_q], d.qvel[self._pusher_v]])
-        env_state = np.concatenate([self._block_poses().ravel(), self.goal_xy()])
+        pusher = d.qpos[self._pusher_q]
+        state = np.concatenate([pusher, d.qvel[self._pusher_v]])
+        blocks = self._block_poses()
+        blocks[:, :2] -= pusher
+        env_state = np.concatenate([blocks.ravel(), self.goal_xy() - pusher])
         obs = {STATE: state.astype(np.float32), ENV_STATE: env_state.astype(np.float32)}
         for cam, frame in self._cameras.render().items():
             obs[IMAGE_PREFIX + cam] = frame
