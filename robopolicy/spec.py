@@ -192,7 +192,8 @@ class FeatureSpec:
         """Raise :class:`SpecMismatchError` naming both sides if features disagree.
 
         ``keys`` restricts the check (default: every feature of ``self``); the other side
-        may have extra features. Shapes must match exactly: no silent reshapes.
+        may have extra features. Shapes must match exactly: no silent reshapes. Where both
+        sides name the dimensions, the names must match too (same shape, other meaning).
         """
         problems: list[str] = []
         for key in keys if keys is not None else list(self.features):
@@ -206,6 +207,12 @@ class FeatureSpec:
                 problems.append(
                     f"{key!r} has shape {tuple(mine.shape)} in {this_side} "
                     f"but {tuple(theirs.shape)} in {other_side}"
+                )
+            elif mine.names is not None and theirs.names is not None and list(mine.names) != list(theirs.names):
+                i = next(i for i, (a, b) in enumerate(zip(mine.names, theirs.names)) if a != b)
+                problems.append(
+                    f"{key!r} dimension {i} is {mine.names[i]!r} in {this_side} but {theirs.names[i]!r} "
+                    f"in {other_side} (names {list(mine.names)} vs {list(theirs.names)})"
                 )
         if check_fps and abs(self.fps - other.fps) > 1e-6:
             problems.append(f"fps is {self.fps:g} in {this_side} but {other.fps:g} in {other_side}")
@@ -225,12 +232,15 @@ def check_instruction(task: object, known: list[str]) -> str:
 
 
 def spec_from_observation_space(
-    obs_space: Mapping[str, Any], action_dim: int, fps: float, task: str | None = None
+    obs_space: Mapping[str, Any], action_dim: int, fps: float, task: str | None = None,
+    names: Mapping[str, list[str]] | None = None,
 ) -> FeatureSpec:
-    """Build a (statistics-free) spec from a gymnasium Dict observation space."""
+    """Build a (statistics-free) spec from a gymnasium Dict observation space (``names``: the
+    env's per-dimension feature names, e.g. ``env.feature_names``)."""
+    names = names or {}
     feats = {
-        k: Feature(k, tuple(space.shape), "uint8" if feature_kind(k) == "image" else "float32")
+        k: Feature(k, tuple(space.shape), "uint8" if feature_kind(k) == "image" else "float32", names.get(k))
         for k, space in obs_space.items()
     }
-    feats[ACTION] = Feature(ACTION, (action_dim,))
+    feats[ACTION] = Feature(ACTION, (action_dim,), names=names.get(ACTION))
     return FeatureSpec(features=feats, fps=fps, tasks=[task] if task else [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from robopolicy.cli import main
 from robopolicy.data.collect import CollectConfig, collect
 from robopolicy.data.reader import EpisodeArrays
 from robopolicy.errors import CheckpointError, RobopolicyError, SpecMismatchError
+from robopolicy.spec import ENV_STATE
 from robopolicy.train.checkpoint import POLICY_WEIGHTS, load_policy, resolve_checkpoint
 from robopolicy.train.evaluate import EvalConfig, evaluate_policy, wilson_interval
 from robopolicy.train.trainer import TrainConfig, Trainer, train
@@ -146,6 +148,13 @@ def test_eval_runs_closed_loop_and_checks_the_env(dataset: Path, tmp_path: Path)
     assert json.loads((tmp_path / "eval.json").read_text())["episodes"] == 2
     with pytest.raises(SpecMismatchError, match="the policy.*env 'multitask'"):
         evaluate_policy(policy, EvalConfig(env="multitask", episodes=1, progress=False))
+    # same shapes, other meaning: a policy trained when object positions were table coordinates
+    env_state = policy.spec.features[ENV_STATE]
+    old_names = [n.replace(".dx", ".x").replace(".dy", ".y") for n in env_state.names]
+    policy.spec = dataclasses.replace(policy.spec, features={
+        **policy.spec.features, ENV_STATE: dataclasses.replace(env_state, names=old_names)})
+    with pytest.raises(SpecMismatchError, match="dimension 0 is 'red_block.x' in the policy but 'red_block.dx'"):
+        evaluate_policy(policy, EvalConfig(env="push", episodes=1, progress=False))
 
 
 def test_eval_cli_with_ensembling_and_video(dataset: Path, tmp_path: Path, capsys) -> None:

@@ -45,7 +45,8 @@ def close_vector_env(envs: gym.vector.VectorEnv, failed: bool = False) -> None:
 def check_policy_fits_env(spec: FeatureSpec, envs: gym.vector.VectorEnv, env_name: str, policy_side: str) -> None:
     """:class:`SpecMismatchError` naming both sides unless the policy's features and fps fit the env."""
     fps = float(envs.get_attr("fps")[0])
-    env_spec = spec_from_observation_space(envs.single_observation_space, envs.single_action_space.shape[0], fps)
+    env_spec = spec_from_observation_space(envs.single_observation_space, envs.single_action_space.shape[0], fps,
+                                           names=envs.get_attr("feature_names")[0])
     spec.check_compatible(env_spec, policy_side, f"env {env_name!r}",
                           keys=spec.observation_keys + ["action"], check_fps=True)
 

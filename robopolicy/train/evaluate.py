@@ -267,7 +267,8 @@ def summarize(env: str, results: list[EpisodeResult], latencies: list[float], se
 def _check_env_fits(env, spec: FeatureSpec, env_name: str) -> None:
     from robopolicy.spec import spec_from_observation_space
 
-    env_spec = spec_from_observation_space(env.observation_space, env.action_space.shape[0], env.fps)
+    env_spec = spec_from_observation_space(env.observation_space, env.action_space.shape[0], env.fps,
+                                           names=env.feature_names)
     spec.check_compatible(env_spec, "the policy", f"env {env_name!r}",
                           keys=spec.observation_keys + ["action"], check_fps=True)
 
