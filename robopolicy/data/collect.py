@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +57,33 @@ def _validate(cfg: CollectConfig) -> None:
         raise RobopolicyError(f"--image-size must be in [16, 512], got {cfg.image_size}")
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) while collecting: the first asks to stop at the next episode boundary,
+    so the interrupt never lands inside lerobot's writer (there it once left the process
+    hanging past 60 s under load); a second raises :class:`KeyboardInterrupt` at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: stopping after this episode (Ctrl-C again to abort)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Handle SIGINT in the block (only the main thread can; elsewhere it stays as it was)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def rollout_expert(env, expert, seed: int) -> tuple[list[dict], list[str], bool]:
     """One expert episode: (frames of obs + action, task per frame, success)."""
     rng = np.random.default_rng(seed)
@@ -92,23 +124,26 @@ def collect(cfg: CollectConfig) -> CollectResult:
     base_seed = cfg.seed * 1_000_003 + recorder.existing_episodes * 7919
     start = time.perf_counter()
     bar = tqdm(total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
+    stop = StopRequest()
     try:
-        while result.kept < cfg.episodes:
-            if result.attempts >= cfg.episodes * cfg.max_attempts_factor:
-                raise RobopolicyError(
-                    f"expert for {cfg.env!r} kept only {result.kept}/{cfg.episodes} episodes in "
-                    f"{result.attempts} attempts (success {result.success_rate:.0%}); dataset keeps them"
-                )
-            frames, tasks, success = rollout_expert(env, expert, base_seed + result.attempts)
-            result.attempts += 1
-            result.successes += int(success)
-            if success or cfg.keep_failures:
-                recorder.commit_episode(frames, tasks)
-                result.kept += 1
-                result.frames += len(frames)
-                result.total_episodes += 1
-                bar.update(1)
-            bar.set_postfix(success=f"{result.successes}/{result.attempts}", frames=result.frames)
+        with stop.installed():
+            while result.kept < cfg.episodes and not stop.requested:
+                if result.attempts >= cfg.episodes * cfg.max_attempts_factor:
+                    raise RobopolicyError(
+                        f"expert for {cfg.env!r} kept only {result.kept}/{cfg.episodes} episodes in "
+                        f"{result.attempts} attempts (success {result.success_rate:.0%}); dataset keeps them"
+                    )
+                frames, tasks, success = rollout_expert(env, expert, base_seed + result.attempts)
+                result.attempts += 1
+                result.successes += int(success)
+                if success or cfg.keep_failures:
+                    recorder.commit_episode(frames, tasks)
+                    result.kept += 1
+                    result.frames += len(frames)
+                    result.total_episodes += 1
+                    bar.update(1)
+                bar.set_postfix(success=f"{result.successes}/{result.attempts}", frames=result.frames)
+        result.interrupted = stop.requested
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
