@@ -24,8 +24,8 @@ class VLAConfig(FlowConfig):
     """
 
     type: ClassVar[str] = "vla"
-    # Measured: 17 minutes at batch 64 on this 2-core CPU, one camera (README). 6000 steps overfit 150
-    # demos: 41/100 successes against 52/100.
+    # Measured: 17 minutes at batch 64 on this 2-core CPU, one camera (README). Of 2000 / 3000 /
+    # 6000 steps on the 150-demo multitask set, 3000 did best: 36 / 52 / 41 successes of 100.
     train_steps: ClassVar[int] = 3000
     # Re-plan every 2 actions (0.2 s at 10 fps) of the 16 predicted: pushing a block onto a
     # 3 cm disc needs the feedback. State-only multitask, same checkpoint, 100 episodes:
