@@ -45,10 +45,10 @@ class VLAConfig(FlowConfig):
     # policies do) besides observation.state. False: camera + proprioception only, what a
     # robot without an object tracker has.
     use_environment_state: bool = True
-    # With two or more training instructions, the state token and the state MLP see, of the environment state,
-    # only the instructed object (the one among objects named ``<object>.<field>`` with the
-    # same fields whose name the instruction's embedding matches, see policies/vla/objects.py)
-    # and the features of no such object.
+    # With two or more training instructions, the state token and the state MLP see, of the
+    # environment state, only the instructed object (the one among objects named
+    # ``<object>.<field>`` with the same fields whose name the instruction's embedding
+    # matches, see policies/vla/objects.py) and the features of no such object.
     select_object: bool = True
 
     def __post_init__(self) -> None:

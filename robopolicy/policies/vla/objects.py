@@ -1,6 +1,6 @@
 """Language-grounded object selection: which object of the environment state the instruction names.
 
-Environment-state features named ``<object>.<field>`` (e.g. ``red_block.x``) declare objects;
+Environment-state features named ``<object>.<field>`` (e.g. ``red_block.dx``) declare objects;
 objects with the same fields are *candidates* for an instruction ("push the red block ...").
 :class:`InstructedObject` grounds the instruction in the candidates' names with the frozen
 sentence encoder, as CLIP matches text to image regions: the score of a candidate is the
