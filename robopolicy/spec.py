@@ -221,6 +221,15 @@ class FeatureSpec:
                 f"feature spec of {this_side} does not match {other_side}: " + "; ".join(problems)
             )
 
+    def check_fits_env(
+        self, obs_space: Mapping[str, Any], action_dim: int, fps: float, names: Mapping[str, list[str]] | None,
+        this_side: str, env_side: str,
+    ) -> None:
+        """:meth:`check_compatible` on this spec's observations, action and fps against an env's (one env's
+        observation space, its action width and fps, ``names``: its ``feature_names``)."""
+        env_spec = spec_from_observation_space(obs_space, action_dim, fps, names=names)
+        self.check_compatible(env_spec, this_side, env_side, keys=self.observation_keys + [ACTION], check_fps=True)
+
 
 def check_instruction(task: object, known: list[str]) -> str:
     """``task`` if it is one of the ``known`` instructions, else :class:`InstructionError` saying why."""

@@ -21,7 +21,7 @@ import torch
 from robopolicy.rl.config import VectorMode
 from robopolicy.sim import make_env
 from robopolicy.sim.registry import env_entry
-from robopolicy.spec import FeatureSpec, spec_from_observation_space
+from robopolicy.spec import FeatureSpec
 
 def make_vector_env(name: str, num_envs: int, kwargs: dict[str, Any],
                     vector: VectorMode = "async") -> gym.vector.VectorEnv:
@@ -44,11 +44,8 @@ def close_vector_env(envs: gym.vector.VectorEnv, failed: bool = False) -> None:
 
 def check_policy_fits_env(spec: FeatureSpec, envs: gym.vector.VectorEnv, env_name: str, policy_side: str) -> None:
     """:class:`SpecMismatchError` naming both sides unless the policy's features and fps fit the env."""
-    fps = float(envs.get_attr("fps")[0])
-    env_spec = spec_from_observation_space(envs.single_observation_space, envs.single_action_space.shape[0], fps,
-                                           names=envs.get_attr("feature_names")[0])
-    spec.check_compatible(env_spec, policy_side, f"env {env_name!r}",
-                          keys=spec.observation_keys + ["action"], check_fps=True)
+    spec.check_fits_env(envs.single_observation_space, envs.single_action_space.shape[0],
+                        float(envs.get_attr("fps")[0]), envs.get_attr("feature_names")[0], policy_side, f"env {env_name!r}")
 
 
 def final_observations(obs: dict[str, np.ndarray], info: dict[str, Any], done: np.ndarray) -> dict[str, np.ndarray]:

@@ -197,7 +197,8 @@ class ChunkExecutor:
 def evaluate(predictor: ChunkPredictor, cfg: EvalConfig, out_json: Path | None = None) -> EvalResult:
     """Roll out ``cfg.episodes`` seeded episodes and summarize them."""
     env = make_env(cfg.env, **env_kwargs(predictor.spec, cfg.randomize, cfg.max_episode_steps))
-    _check_env_fits(env, predictor.spec, cfg.env)
+    predictor.spec.check_fits_env(env.observation_space, env.action_space.shape[0], env.fps, env.feature_names,
+                                  "the policy", f"env {cfg.env!r}")
     executor = ChunkExecutor(predictor, cfg.ensemble, cfg.ensemble_decay)
     recorder = _VideoRecorder(env, cfg.video, cfg.video_episodes) if cfg.video else None
     results: list[EpisodeResult] = []
@@ -262,15 +263,6 @@ def summarize(env: str, results: list[EpisodeResult], latencies: list[float], se
         latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p99=float(np.percentile(lat, 99)),
         per_task=per_task, instruction_following=following, seconds=seconds, episode_results=results,
     )
-
-
-def _check_env_fits(env, spec: FeatureSpec, env_name: str) -> None:
-    from robopolicy.spec import spec_from_observation_space
-
-    env_spec = spec_from_observation_space(env.observation_space, env.action_space.shape[0], env.fps,
-                                           names=env.feature_names)
-    spec.check_compatible(env_spec, "the policy", f"env {env_name!r}",
-                          keys=spec.observation_keys + ["action"], check_fps=True)
 
 
 class _VideoRecorder:
