@@ -13,6 +13,7 @@ from robopolicy.errors import RobopolicyError, SpecMismatchError, UnknownNameErr
 from robopolicy.policies.denoising import DenoisingPolicy
 from robopolicy.policies.diffusion.model import DiffusionPolicy, ddim_scheduler
 from robopolicy.policies.factory import config_from_dict, config_to_dict, make_policy, policy_families
+from robopolicy.policies.flow.config import FlowConfig
 from robopolicy.policies.normalize import Normalizer
 from robopolicy.spec import Feature, FeatureSpec, Stats
 
@@ -261,9 +262,12 @@ def test_onnx_export_matches_torch(family: str, image: bool, tmp_path) -> None:
 # -- factory ---------------------------------------------------------------------------------
 def test_factory_names_and_round_trip() -> None:
     assert policy_families() == ["diffusion", "flow", "vla"]
-    spec = make_spec().with_timing(2, 8, 3)
-    policy = make_policy("flow", spec, {k: v for k, v in TINY.items() if k not in ("horizon", "n_action_steps")})
-    assert (policy.config.horizon, policy.config.n_action_steps) == (8, 3)  # timing from the spec
+    # Timing comes from the family's config (a dataset's spec has only placeholders), then overrides.
+    untimed = {k: v for k, v in TINY.items() if k not in ("horizon", "n_action_steps")}
+    for spec in (make_spec(), make_spec().with_timing(2, 8, 3)):
+        assert make_policy("flow", spec, untimed).spec.n_action_steps == FlowConfig.n_action_steps == 8
+    policy = make_policy("flow", make_spec(), {**untimed, "horizon": 8, "n_action_steps": 3})
+    assert (policy.spec.horizon, policy.spec.n_action_steps) == (8, 3)
     d = json.loads(json.dumps(config_to_dict(policy.config)))
     assert d["type"] == "flow" and d["down_dims"] == [16, 32]
     assert config_from_dict("flow", d) == policy.config

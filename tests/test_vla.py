@@ -22,6 +22,7 @@ from robopolicy.export import ObservationError, export_policy
 from robopolicy.export import load_policy as load_exported
 from robopolicy.policies.factory import make_policy, policy_families
 from robopolicy.policies.vla import language
+from robopolicy.policies.vla.config import VLAConfig
 from robopolicy.policies.vla.objects import candidate_objects
 from robopolicy.sim import make_env
 from robopolicy.spec import ENV_STATE, LANGUAGE, STATE, Stats, spec_from_observation_space
@@ -72,6 +73,9 @@ def test_factory_builds_vla_with_the_frozen_encoders_instruction_embeddings(data
     torch.testing.assert_close(table, language.embed(spec.tasks))
     torch.testing.assert_close(table.norm(dim=1), torch.ones(len(spec.tasks)))
     assert sum(p.numel() for p in policy.parameters()) < 1e6  # MiniLM (22 M) is frozen outside the policy
+    # the family's own chunk execution, not the dataset spec's placeholder (8): a regression once
+    untimed = {k: v for k, v in TINY.items() if k not in ("horizon", "n_action_steps")}
+    assert make_policy("vla", spec, untimed).spec.n_action_steps == VLAConfig.n_action_steps == 2
     camera_only = make_policy("vla", spec, {**TINY, "use_environment_state": False})
     assert ENV_STATE not in camera_only.spec.features and STATE in camera_only.spec.features
 

@@ -69,9 +69,10 @@ def config_to_dict(cfg: PolicyConfig) -> dict[str, Any]:
 
 
 def make_policy(type_name: str, spec: FeatureSpec, overrides: Mapping[str, Any] | None = None) -> Policy:
-    """A fresh policy of ``type_name`` for ``spec`` (timing from the spec unless overridden)."""
-    timing = {"n_obs_steps": spec.n_obs_steps, "horizon": spec.horizon, "n_action_steps": spec.n_action_steps}
-    config = config_from_dict(type_name, {**timing, **(overrides or {})})
+    """A fresh policy of ``type_name`` for ``spec``: the family's config defaults, timing included,
+    with ``overrides`` on top. The policy's spec then takes its timing from the config (a
+    dataset's spec carries none of its own: only :class:`FeatureSpec`'s placeholders)."""
+    config = config_from_dict(type_name, dict(overrides or {}))
     policy = policy_class(type_name)(config, spec)
     policy.setup_new()
     return policy
