@@ -39,6 +39,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         env=args.env, episodes=args.episodes, out=Path(args.out), cameras=args.cameras,
         image_size=args.image_size, seed=args.seed, keep_failures=args.keep_failures,
         overwrite=args.overwrite, randomize=args.randomize, use_videos=not args.images,
+        commit_every_s=args.commit_every,
     )
     r = collect(cfg)
     status = "interrupted: " if r.interrupted else ""
@@ -62,6 +63,9 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--randomize", action="store_true", help="collect under domain randomization")
     p.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
+    p.add_argument("--commit-every", type=float, default=10.0, metavar="SECONDS",
+                   help="write finished episodes to disk at most this often; a kill loses at most the last "
+                        "interval's episodes (0: commit every episode; default: %(default)s)")
     p.set_defaults(func=cmd_collect)
 
 

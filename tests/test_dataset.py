@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,17 @@ def test_collect_appends_and_refuses_other_features(push_ds: Path, tmp_path: Pat
     assert _load(out).num_episodes == 1
 
 
+def test_collect_commits_episodes_in_batches(tmp_path: Path) -> None:
+    runs = {every: tmp_path / f"every_{every:g}" for every in (0.0, 1e9)}
+    for every, out in runs.items():
+        assert collect(CollectConfig(env=ENV, episodes=4, out=out, seed=3, commit_every_s=every)).total_episodes == 4
+    data_files = {every: len(list((out / "data").rglob("*.parquet"))) for every, out in runs.items()}
+    assert data_files == {0.0: 4, 1e9: 1}  # one commit (lerobot resume) per file
+    each, batched = (load_arrays(open_dataset(out), ["observation.state", "action"]) for out in runs.values())
+    np.testing.assert_array_equal(each.data["action"], batched.data["action"])
+    np.testing.assert_array_equal(each.episode_starts, batched.episode_starts)
+
+
 def test_collect_refuses_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
@@ -130,7 +142,8 @@ def _episodes_on_disk(path: Path) -> int:
 
 def _start_collect(out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "robopolicy.cli", "collect", "--env", ENV, "--episodes", "200", "--out", str(out)],
+        [sys.executable, "-m", "robopolicy.cli", "collect", "--env", ENV, "--episodes", "200", "--out", str(out),
+         "--commit-every", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -149,6 +162,8 @@ def test_interrupted_collect_leaves_a_loadable_dataset(sig: signal.Signals, tmp_
     if sig == signal.SIGINT:  # handled at the next episode boundary, not inside lerobot's writer
         assert proc.returncode == 130
         assert b"stopping after this episode" in proc.stderr.read()
+        kept = re.search(rb"interrupted: kept (\d+) episodes", proc.stdout.read())
+        assert kept and int(kept[1]) == _episodes_on_disk(out)  # the uncommitted batch was committed too
     ds = _load(out)  # lerobot itself loads what is left
     assert ds.num_episodes == _episodes_on_disk(out) >= 3
     assert len(ds) == ds.meta.total_frames

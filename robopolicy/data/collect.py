@@ -33,6 +33,9 @@ class CollectConfig:
     randomize: bool = False
     use_videos: bool = True
     max_attempts_factor: int = 3
+    #: Finished episodes are committed to disk in batches, at most this often (seconds); a kill
+    #: loses the episodes of at most the last interval. 0 commits every episode.
+    commit_every_s: float = 10.0
 
 
 @dataclass
@@ -55,6 +58,8 @@ def _validate(cfg: CollectConfig) -> None:
         raise RobopolicyError(f"--episodes must be >= 1, got {cfg.episodes}")
     if not 16 <= cfg.image_size <= 512:
         raise RobopolicyError(f"--image-size must be in [16, 512], got {cfg.image_size}")
+    if cfg.commit_every_s < 0:
+        raise RobopolicyError(f"--commit-every must be >= 0 seconds, got {cfg.commit_every_s}")
 
 
 class StopRequest:
@@ -122,13 +127,21 @@ def collect(cfg: CollectConfig) -> CollectResult:
                                extra_meta=meta, overwrite=cfg.overwrite)
     result = CollectResult(0, 0, 0, 0, 0.0, recorder.existing_episodes)
     base_seed = cfg.seed * 1_000_003 + recorder.existing_episodes * 7919
-    start = time.perf_counter()
+    pending: list[tuple[list[dict], list[str]]] = []  # finished, not yet on disk
+
+    def commit() -> None:
+        if pending:
+            recorder.commit_episodes(pending)
+            pending.clear()
+
+    start = last_commit = time.perf_counter()
     bar = tqdm(total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
     stop = StopRequest()
     try:
         with stop.installed():
             while result.kept < cfg.episodes and not stop.requested:
                 if result.attempts >= cfg.episodes * cfg.max_attempts_factor:
+                    commit()
                     raise RobopolicyError(
                         f"expert for {cfg.env!r} kept only {result.kept}/{cfg.episodes} episodes in "
                         f"{result.attempts} attempts (success {result.success_rate:.0%}); dataset keeps them"
@@ -137,12 +150,15 @@ def collect(cfg: CollectConfig) -> CollectResult:
                 result.attempts += 1
                 result.successes += int(success)
                 if success or cfg.keep_failures:
-                    recorder.commit_episode(frames, tasks)
+                    pending.append((frames, tasks))
                     result.kept += 1
                     result.frames += len(frames)
-                    result.total_episodes += 1
                     bar.update(1)
+                    if time.perf_counter() - last_commit >= cfg.commit_every_s:
+                        commit()
+                        last_commit = time.perf_counter()
                 bar.set_postfix(success=f"{result.successes}/{result.attempts}", frames=result.frames)
+            commit()
         result.interrupted = stop.requested
     except KeyboardInterrupt:
         result.interrupted = True

@@ -1,9 +1,10 @@
 """Writing demonstrations as LeRobotDatasets (v3.0 layout) with lerobot's own API.
 
-Every episode is committed atomically: the dataset is staged in a hidden sibling
-directory (a copy of the current dataset plus the new episode, finalized by lerobot) and
-swapped in with one ``renameat2(RENAME_EXCHANGE)``. A collect run that is interrupted or
-killed therefore leaves a dataset that lerobot loads, holding every finished episode.
+Episodes are committed atomically, a batch at a time: the dataset is staged in a hidden
+sibling directory (a copy of the current dataset plus the new episodes, finalized by
+lerobot) and swapped in with one ``renameat2(RENAME_EXCHANGE)``. A collect run that is
+interrupted or killed therefore leaves a dataset that lerobot loads, holding every
+committed episode.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,16 +110,18 @@ class DatasetRecorder:
         info = self.root / "meta" / "info.json"
         return int(json.loads(info.read_text())["total_episodes"]) if info.exists() else 0
 
-    def commit_episode(self, frames: list[dict[str, np.ndarray]], tasks: list[str]) -> None:
-        """Write one finished episode; on return it is durable and loadable."""
+    def commit_episodes(self, episodes: Sequence[tuple[list[dict[str, np.ndarray]], list[str]]]) -> None:
+        """Write finished episodes (``(frames, task per frame)`` each) in one commit; on return they
+        are durable and loadable. A commit's cost grows with the dataset (lerobot's resume reads
+        every metadata file, and each commit adds one data file), so callers batch episodes."""
         remove_quietly(self.stage)
         try:
-            self._write_staged(frames, tasks)
+            self._write_staged(episodes)
             replace_dir(self.stage, self.root)
         finally:  # interrupted or not, nothing staged outlives the commit
             remove_quietly(self.stage)
 
-    def _write_staged(self, frames: list[dict[str, np.ndarray]], tasks: list[str]) -> None:
+    def _write_staged(self, episodes: Sequence[tuple[list[dict[str, np.ndarray]], list[str]]]) -> None:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset as dataset_cls
 
         if self.root.exists():
@@ -129,9 +133,10 @@ class DatasetRecorder:
                 robot_type=self.robot_type, use_videos=any(v["dtype"] == "video" for v in self.features.values()),
                 video_backend=VIDEO_BACKEND,
             )
-        for frame, task in zip(frames, tasks, strict=True):
-            ds.add_frame({**frame, "task": task})
-        ds.save_episode(parallel_encoding=False)
+        for frames, tasks in episodes:
+            for frame, task in zip(frames, tasks, strict=True):
+                ds.add_frame({**frame, "task": task})
+            ds.save_episode(parallel_encoding=False)
         ds.finalize()
         shutil.rmtree(self.stage / "images", ignore_errors=True)
         write_json_atomic(self.stage / ROBOPOLICY_META, self.extra_meta)
