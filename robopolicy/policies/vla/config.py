@@ -24,12 +24,13 @@ class VLAConfig(FlowConfig):
     """
 
     type: ClassVar[str] = "vla"
-    # Measured: 17 minutes at batch 64 on this 2-core CPU, one camera (README). Of 2000 / 3000 /
-    # 6000 steps on the 150-demo multitask set, 3000 did best: 36 / 52 / 41 successes of 100.
+    # Measured: 16 minutes at batch 64 on this 2-core CPU, one camera (README). Of 2000 / 3000 /
+    # 6000 steps on the 150-demo multitask set, 3000 did best: 79 / 88 / 87 successes of 100.
     train_steps: ClassVar[int] = 3000
     # Re-plan every 2 actions (0.2 s at 10 fps) of the 16 predicted: pushing a block onto a
-    # 3 cm disc needs the feedback. State-only multitask, same checkpoint, 100 episodes:
-    # 45/100 executing 8 actions per chunk, 64/100 with 4, 75/100 with 2, 73/100 with 1.
+    # 3 cm disc needs the feedback. Same checkpoints, 100 episodes: with the camera, 52/100
+    # executing 8 actions per chunk and 88/100 with 2; state-only, 45 / 64 / 75 / 73 of 100
+    # with 8 / 4 / 2 / 1.
     n_action_steps: int = 2
     down_dims: tuple[int, ...] = (48, 96, 192)
     image_channels: tuple[int, ...] = (32, 64)
