@@ -125,8 +125,9 @@ def collect(cfg: CollectConfig) -> CollectResult:
     }
     recorder = DatasetRecorder(cfg.out, features, int(round(env.fps)), robot_type=cfg.env,
                                extra_meta=meta, overwrite=cfg.overwrite)
-    result = CollectResult(0, 0, 0, 0, 0.0, recorder.existing_episodes)
-    base_seed = cfg.seed * 1_000_003 + recorder.existing_episodes * 7919
+    episodes_before, frames_before = recorder.on_disk()
+    result = CollectResult(0, 0, 0, 0, 0.0, episodes_before)
+    base_seed = cfg.seed * 1_000_003 + episodes_before * 7919
     pending: list[tuple[list[dict], list[str]]] = []  # finished, not yet on disk
 
     def commit() -> None:
@@ -165,6 +166,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
-        result.total_episodes = recorder.episodes_on_disk()
+        # what is on disk: a second Ctrl-C drops the episodes not yet committed
+        result.total_episodes, frames_after = recorder.on_disk()
+        result.kept, result.frames = result.total_episodes - episodes_before, frames_after - frames_before
         env.close()
     return result

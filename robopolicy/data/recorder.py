@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,11 +82,12 @@ class DatasetRecorder:
         remove_quietly(self.stage)
         if self.root.exists() and overwrite:
             shutil.rmtree(self.root)
-        self.existing_episodes = self._check_existing()
+        self._check_existing()
 
-    def _check_existing(self) -> int:
+    def _check_existing(self) -> None:
+        """Refuse a folder that is not a LeRobotDataset, or one with other features or fps."""
         if not self.root.exists():
-            return 0
+            return
         info_path = self.root / "meta" / "info.json"
         if not info_path.exists():
             if any(self.root.iterdir()):
@@ -95,7 +96,7 @@ class DatasetRecorder:
                     "choose another --out or pass --overwrite to replace it"
                 )
             self.root.rmdir()
-            return 0
+            return
         info = json.loads(info_path.read_text())
         have, want = _comparable(info["features"]), _comparable(self.features)
         if have != want or int(info["fps"]) != self.fps:
@@ -104,11 +105,14 @@ class DatasetRecorder:
                 f"(it has fps={info['fps']}, {have}; this run writes fps={self.fps}, {want}); "
                 "choose another --out or pass --overwrite to replace it"
             )
-        return int(info["total_episodes"])
 
-    def episodes_on_disk(self) -> int:
+    def on_disk(self) -> tuple[int, int]:
+        """``(episodes, frames)`` the committed dataset holds."""
         info = self.root / "meta" / "info.json"
-        return int(json.loads(info.read_text())["total_episodes"]) if info.exists() else 0
+        if not info.exists():
+            return 0, 0
+        meta = json.loads(info.read_text())
+        return int(meta["total_episodes"]), int(meta["total_frames"])
 
     def commit_episodes(self, episodes: Sequence[tuple[list[dict[str, np.ndarray]], list[str]]]) -> None:
         """Write finished episodes (``(frames, task per frame)`` each) in one commit; on return they

@@ -44,8 +44,9 @@ def close_vector_env(envs: gym.vector.VectorEnv, failed: bool = False) -> None:
 
 def check_policy_fits_env(spec: FeatureSpec, envs: gym.vector.VectorEnv, env_name: str, policy_side: str) -> None:
     """:class:`SpecMismatchError` naming both sides unless the policy's features and fps fit the env."""
-    spec.check_fits_env(envs.single_observation_space, envs.single_action_space.shape[0],
-                        float(envs.get_attr("fps")[0]), envs.get_attr("feature_names")[0], policy_side, f"env {env_name!r}")
+    fps, names = float(envs.get_attr("fps")[0]), envs.get_attr("feature_names")[0]
+    spec.check_fits_env(envs.single_observation_space, envs.single_action_space.shape[0], fps, names,
+                        policy_side, f"env {env_name!r}")
 
 
 def final_observations(obs: dict[str, np.ndarray], info: dict[str, Any], done: np.ndarray) -> dict[str, np.ndarray]:
