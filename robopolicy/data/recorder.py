@@ -61,7 +61,7 @@ def _user_keys(features: Mapping[str, dict]) -> list[str]:
 
 
 class DatasetRecorder:
-    """Appends whole episodes to a LeRobotDataset at ``root``, one atomic commit each."""
+    """Appends whole episodes to a LeRobotDataset at ``root``, one atomic commit per batch of episodes."""
 
     def __init__(
         self,
