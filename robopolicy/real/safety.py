@@ -9,13 +9,22 @@ Every control cycle goes through :meth:`SafetyFilter.apply`, whatever the policy
    arrived (missed inference deadline) -> hold.
 3. **Non-finite actions** (NaN / inf) are rejected -> hold.
 4. **Clamp** to the per-dimension limits.
-5. **Rate limit**: the command moves at most ``max_delta`` per cycle from the last one
-   sent (holds ramp down to the hold command the same way).
+5. **Slew limit**: the command moves at most ``max_rate`` per second (times the time since
+   the last command sent) and at most ``max_delta`` per cycle, so a burst of cycles a
+   millisecond apart moves it a millisecond's worth. Holds ramp to the hold command the
+   same way.
 
-"Hold" is chosen per dimension: the last command sent (``"last"``, for position-like
-commands or a gripper that must keep its grasp) or zero clamped into the limits
+**Where a command starts from.** Position-like dimensions (``position``: a position
+controller's setpoint, measured by the robot) start from the *measured* value whenever the
+policy takes over: the first command after activation, after an e-stop reset and after any
+hold ramps from where the robot is, not from an old command or from zero. Velocity-like
+dimensions start from the last command sent (zero at first), so they ramp up from rest.
+
+"Hold" is chosen per dimension: the last command sent (``"last"``, which every position
+dimension uses, and a gripper that must keep its grasp) or zero clamped into the limits
 (``"zero"``, for velocity / delta commands). Before any command was sent, a ``"last"``
-dimension has nothing to hold and the cycle sends nothing.
+dimension has nothing to hold and the cycle sends nothing (the robot's own controller
+keeps holding).
 
 Every intervention is counted per reason (one count per cycle it applied) so diagnostics
 can say what the layer did and why.
@@ -41,41 +50,58 @@ STALE_OBSERVATION = "stale_observation"
 WAITING_FOR_POLICY = "waiting_for_policy"
 MISSED_DEADLINE = "missed_deadline"
 NON_FINITE_ACTION = "non_finite_action"
+NO_MEASURED_STATE = "no_measured_state"
 CLAMPED = "clamped"
 RATE_LIMITED = "rate_limited"
 #: Reasons that replace the policy's command with the hold command.
-HOLD_REASONS = (ESTOP, NO_OBSERVATION, STALE_OBSERVATION, WAITING_FOR_POLICY, MISSED_DEADLINE, NON_FINITE_ACTION)
+HOLD_REASONS = (ESTOP, NO_OBSERVATION, STALE_OBSERVATION, WAITING_FOR_POLICY, MISSED_DEADLINE, NON_FINITE_ACTION,
+                NO_MEASURED_STATE)
 
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    """Per-dimension limits of the command and how to hold."""
+    """Per-dimension limits of the command, how to hold, and which dimensions are positions.
+
+    ``max_rate`` is per second, ``max_delta`` per control cycle (``inf``: no limit of that
+    kind). ``position[i]``: dimension ``i`` is a position setpoint that the robot measures; it
+    must hold ``"last"``.
+    """
 
     lower: np.ndarray
     upper: np.ndarray
     max_delta: np.ndarray
+    max_rate: np.ndarray
     hold: tuple[HoldMode, ...] = ("zero",)
+    position: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
-        lo, hi, dm = (np.asarray(a, dtype=np.float64) for a in (self.lower, self.upper, self.max_delta))
-        if not (lo.shape == hi.shape == dm.shape and lo.ndim == 1):
+        arrays = {k: np.asarray(getattr(self, k), dtype=np.float64)
+                  for k in ("lower", "upper", "max_delta", "max_rate")}
+        lo, hi, dm, rate = arrays.values()
+        if not (lo.ndim == 1 and all(a.shape == lo.shape for a in arrays.values())):
             raise RobopolicyError(
-                f"safety limits need one value per action dimension: lower has {lo.size}, "
-                f"upper {hi.size}, max_delta {dm.size}"
-            )
+                "safety limits need one value per action dimension: "
+                + ", ".join(f"{k} has {a.size}" for k, a in arrays.items()))
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo < hi)):
             raise RobopolicyError(
                 f"safety limits need finite lower < upper, got lower={lo.tolist()} upper={hi.tolist()}")
-        if not np.all(dm > 0):
-            raise RobopolicyError(f"max_delta must be > 0 in every dimension (inf for no limit), got {dm.tolist()}")
+        for name, a in (("max_delta", dm), ("max_rate", rate)):
+            if not np.all(a > 0):
+                raise RobopolicyError(f"{name} must be > 0 in every dimension (inf for no limit), got {a.tolist()}")
         hold = tuple(self.hold) * lo.size if len(self.hold) == 1 else tuple(self.hold)
         if len(hold) != lo.size or any(h not in ("last", "zero") for h in hold):
             raise RobopolicyError(
                 f"hold needs 'last' or 'zero', once or per dimension ({lo.size}), got {list(self.hold)}")
+        position = tuple(bool(p) for p in self.position) or (False,) * lo.size
+        if len(position) != lo.size:
+            raise RobopolicyError(f"position needs one flag per action dimension ({lo.size}), got {len(position)}")
+        held_at_zero = [i for i in range(lo.size) if position[i] and hold[i] != "last"]
+        if held_at_zero:
+            raise RobopolicyError(f"position dimensions {held_at_zero} must hold 'last' (zero is a place, not a stop)")
+        for k, a in arrays.items():
+            object.__setattr__(self, k, a)
         object.__setattr__(self, "hold", hold)
-        object.__setattr__(self, "lower", lo)
-        object.__setattr__(self, "upper", hi)
-        object.__setattr__(self, "max_delta", dm)
+        object.__setattr__(self, "position", position)
 
     @property
     def zero(self) -> np.ndarray:
@@ -163,12 +189,25 @@ class Decision:
 
 @dataclass
 class SafetyFilter:
-    """Applies e-stop, hold, NaN rejection, clamping and rate limiting to each command."""
+    """Applies e-stop, hold, NaN rejection, clamping and slew limiting to each command.
+
+    Times (``now``) are monotonic seconds. ``period_s`` is the nominal control period: the
+    slew allowance of the first command after a (re)start, which has no previous one.
+    """
 
     limits: SafetyLimits
+    period_s: float
     estop: EStop = field(default_factory=EStop)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     last_command: np.ndarray | None = None
+    last_time: float | None = None
+    #: The policy takes over from the measured state at its next command (start, hold, e-stop).
+    restart: bool = True
+
+    def reset(self) -> None:
+        """Forget the last command: the next command starts from the measured state (activation)."""
+        self.last_command = self.last_time = None
+        self.restart = True
 
     def hold_command(self) -> np.ndarray | None:
         """Zero or the last command, per dimension (``None``: a "last" dimension has no value yet)."""
@@ -179,43 +218,71 @@ class SafetyFilter:
             return None
         return np.where(keep, self.last_command, self.limits.zero)
 
-    def hold_now(self) -> np.ndarray | None:
+    def hold_now(self, now: float) -> np.ndarray | None:
         """The hold command to send at once, unlimited (deactivate, shutdown); it becomes the
-        last command, from which any later command is rate limited."""
+        last command, from which any later command is slew limited."""
         hold = self.hold_command()
         if hold is not None:
-            self.last_command = hold.copy()
+            self.last_command, self.last_time = hold.copy(), now
+        self.restart = True
         return hold
 
-    def apply(self, proposed: np.ndarray | None, hold_reason: str | None = None) -> Decision:
-        """Filter the policy's ``proposed`` command (``hold_reason`` from the :class:`Watchdog`)."""
+    def apply(self, proposed: np.ndarray | None, now: float, hold_reason: str | None = None,
+              measured: np.ndarray | None = None) -> Decision:
+        """Filter the policy's ``proposed`` command at ``now``.
+
+        ``hold_reason`` comes from the :class:`Watchdog`; ``measured`` is the robot's measured
+        value of each position dimension (NaN elsewhere; ``None`` when unknown): where the
+        policy's command starts from after a (re)start. Without it, a (re)start with position
+        dimensions holds.
+        """
         reasons: list[str] = []
         if self.estop.active:
             reasons.append(ESTOP)
-            target = self.hold_command()
-            return self._finish(target, reasons, rate_limit=False)
+            return self._finish(self.hold_command(), reasons, now, origin=None, dt=0.0)
+        if hold_reason is None and (proposed is None or not np.all(np.isfinite(proposed))):
+            hold_reason = NON_FINITE_ACTION if proposed is not None else WAITING_FOR_POLICY
+        if self.last_command is None:
+            origin, dt = self.limits.zero, self.period_s
+        else:
+            origin, dt = self.last_command, now - (self.last_time if self.last_time is not None else now)
+        if hold_reason is None and self.restart and any(self.limits.position):
+            measured_origin = self._measured_origin(measured)
+            if measured_origin is None:
+                hold_reason = NO_MEASURED_STATE
+            else:
+                origin, dt = measured_origin, self.period_s
         if hold_reason is not None:
             reasons.append(hold_reason)
-            target = self.hold_command()
-        elif proposed is None or not np.all(np.isfinite(proposed)):
-            reasons.append(NON_FINITE_ACTION if proposed is not None else WAITING_FOR_POLICY)
-            target = self.hold_command()
-        else:
-            target = np.asarray(proposed, dtype=np.float64).reshape(self.limits.lower.shape)
-            clamped = np.clip(target, self.limits.lower, self.limits.upper)
-            if not np.array_equal(clamped, target):
-                reasons.append(CLAMPED)
-            target = clamped
-        return self._finish(target, reasons, rate_limit=True)
+            return self._finish(self.hold_command(), reasons, now, origin, dt)
+        target = np.asarray(proposed, dtype=np.float64).reshape(self.limits.lower.shape)
+        clamped = np.clip(target, self.limits.lower, self.limits.upper)
+        if not np.array_equal(clamped, target):
+            reasons.append(CLAMPED)
+        self.restart = False
+        return self._finish(clamped, reasons, now, origin, dt)
 
-    def _finish(self, target: np.ndarray | None, reasons: list[str], rate_limit: bool) -> Decision:
-        if target is not None and rate_limit and self.last_command is not None:
-            step = target - self.last_command
-            limited = np.clip(step, -self.limits.max_delta, self.limits.max_delta)
+    def _measured_origin(self, measured: np.ndarray | None) -> np.ndarray | None:
+        """Where a restart begins: measured positions, the last command (or zero) elsewhere."""
+        pos = np.asarray(self.limits.position)
+        if measured is None or not np.all(np.isfinite(np.asarray(measured)[pos])):
+            return None
+        last = self.last_command if self.last_command is not None else self.limits.zero
+        return np.where(pos, np.clip(measured, self.limits.lower, self.limits.upper), last)
+
+    def _finish(self, target: np.ndarray | None, reasons: list[str], now: float,
+                origin: np.ndarray | None, dt: float) -> Decision:
+        """Slew-limit ``target`` from ``origin`` over ``dt`` seconds (no limit without an origin)."""
+        if target is not None and origin is not None:
+            allowed = np.minimum(self.limits.max_delta, self.limits.max_rate * max(dt, 0.0))
+            step = target - origin
+            limited = np.clip(step, -allowed, allowed)
             if not np.array_equal(limited, step):
                 reasons.append(RATE_LIMITED)
-                target = self.last_command + limited
+                target = origin + limited
         if target is not None:
-            self.last_command = target.copy()
+            self.last_command, self.last_time = target.copy(), now
+        if any(r in HOLD_REASONS for r in reasons):
+            self.restart = True
         self.counts.update(reasons)
         return Decision(target, tuple(reasons))
