@@ -34,11 +34,11 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from robopolicy.errors import InstructionError
-from robopolicy.real.observations import Frame, ObservationBuffer
+from robopolicy.real.observations import Frame, ObservationBuffer, Rejection
 from robopolicy.real.safety import Decision, EStop, SafetyFilter, SafetyLimits, Watchdog
 from robopolicy.real.schedule import ActionSchedule, Chunk
 from robopolicy.real.telemetry import Telemetry
-from robopolicy.spec import FeatureSpec, check_instruction
+from robopolicy.spec import STATE, FeatureSpec, check_instruction
 
 #: How often an idle worker re-checks its stop flag (it is woken by every complete frame).
 WAKE_TIMEOUT_S = 0.1
@@ -73,6 +73,9 @@ class PolicyController:
         task: str,
         clock: Callable[[], float],
         log: Callable[[str], None],
+        period_s: float,
+        future_tolerance_s: float = 0.05,
+        measured_index: tuple[int, ...] = (),
     ) -> None:
         self.predictor = predictor
         self.spec: FeatureSpec = predictor.spec
@@ -80,10 +83,11 @@ class PolicyController:
             predictor, "correct_action", None)
         self.horizon = horizon
         self.task: str | None = task  # None: no valid instruction, hold
-        self.buffer = ObservationBuffer(keys, self.spec.n_obs_steps, self.spec.fps, staleness_s)
+        self.buffer = ObservationBuffer(keys, self.spec.n_obs_steps, self.spec.fps, staleness_s, future_tolerance_s)
         self.schedule = ActionSchedule(blend_s)
         self.watchdog = Watchdog(staleness_s)
-        self.safety = SafetyFilter(limits, estop)
+        self.safety = SafetyFilter(limits, period_s, estop)
+        self._measured = np.asarray(measured_index or (-1,) * limits.lower.size)
         self.telemetry = Telemetry()
         self._clock, self._log = clock, log
         self._lock = threading.Lock()
@@ -101,8 +105,8 @@ class PolicyController:
         return self._correct is not None
 
     # ---- executor thread ---------------------------------------------------------------
-    def observe(self, key: str, stamp: float, value: np.ndarray, arrival: float) -> str | None:
-        """File one observation sample; returns why it was rejected, or ``None``."""
+    def observe(self, key: str, stamp: float, value: np.ndarray, arrival: float) -> Rejection | None:
+        """File one observation sample; returns what was rejected (see ``ObservationBuffer.add``)."""
         return self.buffer.add(key, stamp, value, self._clock(), arrival)
 
     def set_task(self, task: str) -> str | None:
@@ -130,8 +134,9 @@ class PolicyController:
         it triggers ran, so the two do not compete for the GIL)."""
         self._wake.set()
 
-    def cycle(self, now: float) -> Cycle:
-        """This cycle's safe command (the scheduled action, corrected, through the safety layer)."""
+    def cycle(self, now: float, mono: float) -> Cycle:
+        """This cycle's safe command (the scheduled action, corrected, through the safety layer);
+        ``now`` is ROS time, ``mono`` monotonic time (the slew limit's clock)."""
         observation_time = self.buffer.observation_time()
         with self._lock:
             reason = self.watchdog.check(now, observation_time, self.schedule.plan_end)
@@ -141,12 +146,22 @@ class PolicyController:
             start = time.perf_counter()
             proposed = self._corrected(proposed)
             correction_ms = (time.perf_counter() - start) * 1e3
-        decision = self.safety.apply(proposed, reason)
+        decision = self.safety.apply(proposed, mono, reason, self._measured_positions())
         newest = self.buffer.newest
         if newest is not None and newest[0] > self._used_arrival:
             self._used_arrival = newest[0]
             return Cycle(decision, newest, correction_ms)
         return Cycle(decision, None, correction_ms)
+
+    def _measured_positions(self) -> np.ndarray | None:
+        """The measured value of each position command dimension (NaN elsewhere), from the newest
+        ``observation.state``; ``None`` before one arrived or without position dimensions."""
+        if not np.any(self._measured >= 0):
+            return None
+        state = self.buffer.latest().get(STATE)
+        if state is None:
+            return None
+        return np.where(self._measured >= 0, np.asarray(state, dtype=np.float64)[np.maximum(self._measured, 0)], np.nan)
 
     def _corrected(self, planned: np.ndarray) -> np.ndarray:
         """The corrected action, or NaN (the safety layer holds) when the correction fails."""
@@ -192,9 +207,10 @@ class PolicyController:
         return self._durations[-1]
 
     def start(self) -> None:
-        """Start commanding: a fresh plan and an inference worker."""
+        """Start commanding: a fresh plan, the first command from the measured state, an inference worker."""
         with self._lock:
             self.schedule.clear()
+        self.safety.reset()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()

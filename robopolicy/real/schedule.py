@@ -1,4 +1,4 @@
-"""Timestamped action chunks, seam blending and the control-cycle clock (pure Python).
+"""Timestamped action chunks and seam blending (pure Python).
 
 A :class:`Chunk` is one policy output: ``Ta`` actions, action ``k`` valid during
 ``[start + k/fps, start + (k+1)/fps)`` where ``start`` is the stamp of the newest
@@ -11,25 +11,16 @@ is exhausted (the watchdog holds). Actions whose slot has passed are never sent.
 :class:`ActionSchedule` answers "what should be commanded at time t": the current chunk's
 action, cross-faded linearly from the previous chunk's during ``blend_s`` after a switch,
 so the command does not jump at a seam.
-
-:class:`ControlClock` decides when a control cycle runs: on the control timer, and, with
-``sync`` on, right when a new observation arrives (the timer is then re-armed from that
-moment), so the command computed from an observation goes out within about a millisecond
-of its arrival instead of up to a full timer period later.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from robopolicy.errors import RobopolicyError
-
-TimerAction = Literal["run", "skip", "rearm"]
 
 
 @dataclass(frozen=True)
@@ -116,66 +107,3 @@ class ActionSchedule:
         if old is None:
             return new
         return (1.0 - w) * old + w * new
-
-
-class ControlClock:
-    """When to run a control cycle: every timer tick, and at observation arrival when ``sync``.
-
-    With ``sync`` and observations slower than the control rate (the usual case: 10-30 Hz
-    perception, 50-100 Hz control), a new observation runs a cycle at once and the caller
-    re-arms the timer, so the timer phase follows the observation stream; a tick that falls
-    within ``guard`` (a quarter period) of the next expected observation is skipped, the
-    observation runs that cycle, or, if it is late, a fallback ``guard`` after the skipped tick
-    (:meth:`overdue`). A tick that was already queued when an observation re-armed the timer
-    is not run but re-arms it again (the executor would otherwise run it right after the
-    observation's cycle and push the next tick a whole period later). Observations faster
-    than the control rate need no sync (the newest one is never older than their period):
-    the timer alone runs the cycles. Times in seconds (monotonic).
-    """
-
-    def __init__(self, period_s: float, sync: bool) -> None:
-        if not period_s > 0:
-            raise RobopolicyError(f"control period must be > 0 s, got {period_s}")
-        self.period, self.sync = period_s, sync
-        self.guard = 0.25 * period_s
-        self.last_cycle = -math.inf
-        self._last_observation = self._last_sync = -math.inf
-        self._intervals: collections.deque[float] = collections.deque(maxlen=15)
-
-    def observation_period(self) -> float | None:
-        """Median interval of recent observations (None until two have arrived)."""
-        return float(np.median(self._intervals)) if self._intervals else None
-
-    def _slow_observations(self) -> bool:
-        obs_period = self.observation_period()
-        return obs_period is None or obs_period >= self.period - self.guard
-
-    def on_observation(self, now: float) -> bool:
-        """A new observation arrived at ``now``: run a cycle now?"""
-        if math.isfinite(self._last_observation):
-            self._intervals.append(now - self._last_observation)
-        self._last_observation = now
-        if self.sync and self._slow_observations():
-            self._last_sync = now
-            return True
-        return False
-
-    def on_timer(self, now: float) -> TimerAction:
-        """The control timer fired at ``now``: ``"run"`` a cycle, ``"skip"`` it (arm the
-        fallback: the observation due within the guard runs it) or ``"rearm"`` the timer."""
-        if self.sync and self._slow_observations():
-            if now - self._last_sync < self.period - self.guard:  # re-armed since this tick was queued
-                return "rearm"
-            if self._intervals:
-                expected = self._last_observation + self.observation_period()
-                if abs(now - expected) <= self.guard and now - self.last_cycle < self.period + self.guard:
-                    return "skip"
-        return "run"
-
-    def overdue(self, now: float) -> bool:
-        """The fallback after a skipped tick: no cycle has run for a period?"""
-        return now - self.last_cycle >= self.period
-
-    def ran(self, now: float) -> None:
-        """A cycle ran at ``now``."""
-        self.last_cycle = now
