@@ -34,7 +34,7 @@ from robopolicy.policies.factory import make_policy
 from robopolicy.real.client import PolicyClient
 from robopolicy.real.deploy import deploy
 from robopolicy.real.loader import load_predictor
-from robopolicy.real.messages import CommandCodec, s_to_stamp
+from robopolicy.real.messages import CommandCodec, JointMap, s_to_stamp
 from robopolicy.real.policy_node import PolicyNode
 from robopolicy.real.rosutil import spin, stream_qos
 from robopolicy.sim import make_env
@@ -156,7 +156,7 @@ class Rig:
         self.client = self.new_client()
 
     def new_client(self) -> PolicyClient:
-        codec = CommandCodec("float64_multi_array", ["pusher_vx_cmd", "pusher_vy_cmd"], 0.02)
+        codec = CommandCodec("float64_multi_array", JointMap.identity(["pusher_vx_cmd", "pusher_vy_cmd"]), 0.02)
         return PolicyClient(self.context, command=codec, command_topic="/policy/command")
 
     def wait(self, predicate: Callable[[PolicyClient], bool], what: str, timeout_s: float = WAIT_S) -> None:
@@ -227,7 +227,7 @@ def test_lifecycle_transitions(rig: Rig) -> None:
         ("wrong_names", "wrong_names", "lacks ['pusher_x']"),
         ("wrong_count", "wrong_size", "has 4 names but 3 positions"),
         ("nan", "non_finite_observation", "non_finite_observation"),
-        ("stale", "stale_stamp", "stamped +1.0"),
+        ("stale", "stale_stamp", "stamped 1.0"),
     ],
 )
 def test_bad_observations_are_rejected_and_commands_stay_safe(rig: Rig, mode: str, reason: str, text: str) -> None:

@@ -4,6 +4,7 @@ No DDS here (the ROS 2 message types are plain Python objects)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,17 @@ from sensor_msgs.msg import JointState
 from robopolicy.errors import RobopolicyError, SpecMismatchError
 from robopolicy.real import messages
 from robopolicy.real.config import POLICY_PARAMS, PolicyNodeConfig
-from robopolicy.real.messages import CommandCodec, JointStateReader, MessageError, image_to_array, array_to_image
+from robopolicy.real.messages import (
+    CommandCodec, JointMap, JointStateReader, MessageError, array_to_image, image_to_array,
+)
 from robopolicy.real.nodes import POLICY, SIM_BRIDGE, check_params_file
 from robopolicy.real.controller import PolicyController
-from robopolicy.real.observations import FUTURE_STAMP, NON_FINITE_OBSERVATION, STALE_STAMP, ObservationBuffer
+from robopolicy.real.observations import (
+    FUTURE_OUTLIER, FUTURE_STAMP, NON_FINITE_OBSERVATION, OUT_OF_ORDER, STALE_STAMP, ObservationBuffer,
+)
 from robopolicy.real.safety import CLAMPED, NON_FINITE_ACTION, STALE_OBSERVATION, EStop, SafetyLimits
-from robopolicy.real.schedule import ActionSchedule, Chunk, ControlClock
+from robopolicy.real.control_loop import ControlClock, ControlLoop, Inbox
+from robopolicy.real.schedule import ActionSchedule, Chunk
 from robopolicy.spec import ACTION, ENV_STATE, STATE, Feature, FeatureSpec, Stats
 
 CONFIG = Path(__file__).resolve().parent.parent / "real" / "config"
@@ -58,55 +64,73 @@ def test_seams_cross_fade_linearly_from_the_old_chunk() -> None:
     assert s.action(0.95)[0] == 3.0
 
 
-def test_control_clock_runs_cycles_at_observation_arrival_and_skips_the_colliding_tick() -> None:
+def test_control_clock_runs_cycles_at_observation_arrival_and_waits_for_a_due_one() -> None:
     clock = ControlClock(period_s=0.02, sync=True)
-
-    def ticks(start: float) -> None:  # the timer, re-armed at ``start``, between observations
-        for k in range(1, 5):
-            assert clock.on_timer(start + 0.02 * k) == "run"
-            clock.ran(start + 0.02 * k)
-
+    assert clock.next_cycle() == -np.inf  # the first cycle runs at once
     assert clock.on_observation(0.0)  # an observation runs a cycle at once
     clock.ran(0.0)
-    ticks(0.0)
+    for k in range(1, 5):  # periodic cycles between observations, counted from the last one
+        assert clock.next_cycle() == pytest.approx(0.02 * k)
+        clock.ran(0.02 * k)
     assert clock.on_observation(0.1)
     clock.ran(0.1)
-    ticks(0.1)
+    assert clock.next_cycle() == pytest.approx(0.12)  # re-timed from the observation's cycle
     assert clock.observation_period() == pytest.approx(0.1)
-    assert clock.on_timer(0.199) == "skip"  # the next observation is due: skip this tick ...
-    assert clock.on_observation(0.2005)  # ... it arrives and runs the cycle,
-    clock.ran(0.2005)
-    assert not clock.overdue(0.199 + clock.guard)  # so the fallback has nothing to do
-    ticks(0.2005)
-    assert clock.on_timer(0.3005) == "skip"  # skipped, but this observation is late:
-    assert clock.overdue(0.3005 + clock.guard)  # the fallback runs the cycle
-    clock.ran(0.3055)
-    assert clock.on_observation(0.33)  # the late observation still runs its own cycle
-    clock.ran(0.33)
-    # The tick queued before that cycle re-armed the timer fires just after it: re-arm, do not run.
-    assert clock.on_timer(0.3309) == "rearm"
-    # A tick that is merely early after a late one (timer jitter) runs.
-    clock.ran(0.3309 + 0.026)
-    assert clock.on_timer(0.3309 + 0.040) == "run"
+    clock.ran(0.18)
+    # The next observation is due at 0.2, with the periodic cycle: wait for it, at most a guard.
+    assert clock.next_cycle() == pytest.approx(0.2 + clock.guard)
+    assert clock.on_observation(0.2005)  # it arrives and runs the cycle
 
 
-def test_control_clock_leaves_fast_sensors_to_the_timer() -> None:
+def test_control_clock_leaves_fast_sensors_to_the_period() -> None:
     clock = ControlClock(period_s=0.02, sync=True)
     for k in range(20):  # 500 Hz joint states
         clock.on_observation(0.002 * k)
-    assert not clock.on_observation(0.04) and clock.on_timer(0.041) == "run"
+    assert not clock.on_observation(0.04)
+    clock.ran(0.041)
+    assert clock.next_cycle() == pytest.approx(0.061)
 
 
-def test_control_clock_without_sync_is_the_timer() -> None:
+def test_control_clock_without_sync_is_periodic() -> None:
     clock = ControlClock(period_s=0.02, sync=False)
-    assert not clock.on_observation(0.0) and clock.on_timer(0.0) == "run"
+    assert not clock.on_observation(0.0)
+    clock.ran(0.0)
+    assert not clock.on_observation(0.019) and clock.next_cycle() == pytest.approx(0.02)
     with pytest.raises(RobopolicyError):
         ControlClock(0.0, True)
 
 
+def test_control_loop_runs_cycles_in_its_own_thread_and_observations_run_one_at_once() -> None:
+    times: list[float] = []
+    loop = ControlLoop(0.02, True, lambda: times.append(time.perf_counter()), log=print)
+    loop.start()
+    try:
+        time.sleep(0.11)
+        n = len(times)
+        assert 5 <= n <= 7  # 50 Hz
+        arrival = time.perf_counter()
+        loop.observed(arrival)
+        time.sleep(0.005)
+        assert len(times) == n + 1 and times[-1] - arrival < 0.004  # within a few ms of the arrival
+    finally:
+        assert loop.stop()
+    count = len(times)
+    time.sleep(0.05)
+    assert len(times) == count  # stopped
+
+
+def test_inbox_coalesces_a_flood_to_the_newest_message_per_topic() -> None:
+    inbox = Inbox()
+    for k in range(1000):
+        inbox.put(STATE, k, arrival=float(k))
+    inbox.put(ENV_STATE, "env", arrival=2000.0)
+    assert inbox.take() == {STATE: (999, 999.0), ENV_STATE: ("env", 2000.0)}
+    assert inbox.coalesced == 999 and inbox.take() == {}
+
+
 # ---- observation history ---------------------------------------------------------------------
 def test_history_is_sampled_at_the_policy_fps_from_faster_topics() -> None:
-    buf = ObservationBuffer([STATE, ENV_STATE], n_obs_steps=2, fps=10.0, staleness_s=0.5)
+    buf = ObservationBuffer([STATE, ENV_STATE], n_obs_steps=2, fps=10.0, staleness_s=0.5, future_tolerance_s=0.05)
     assert buf.frame("t") is None
     for k in range(50):  # state at 100 Hz, environment state at 10 Hz
         t = 100.0 + 0.01 * k
@@ -122,15 +146,35 @@ def test_history_is_sampled_at_the_policy_fps_from_faster_topics() -> None:
 
 
 def test_history_pads_with_the_oldest_sample_and_rejects_bad_samples() -> None:
-    buf = ObservationBuffer([STATE], n_obs_steps=3, fps=10.0, staleness_s=0.2)
-    buf.add(STATE, 5.0, np.array([1.0], dtype=np.float32), now=5.0, arrival=0)
+    buf = ObservationBuffer([STATE], n_obs_steps=3, fps=10.0, staleness_s=0.2, future_tolerance_s=0.05)
+    one = np.array([1.0], dtype=np.float32)
+    assert buf.add(STATE, 5.0, one, now=5.0, arrival=0) is None
     np.testing.assert_allclose(buf.frame("").obs[STATE][0, :, 0], [1.0, 1.0, 1.0])
-    assert buf.add(STATE, 4.0, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == STALE_STAMP
-    assert buf.add(STATE, 6.0, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == FUTURE_STAMP
-    assert buf.add(STATE, 5.1, np.array([np.nan], dtype=np.float32), now=5.1, arrival=1) == NON_FINITE_OBSERVATION
-    assert buf.add(STATE, 4.95, np.array([2.0], dtype=np.float32), now=5.0, arrival=1) == STALE_STAMP  # out of order
-    assert dict(buf.rejected) == {STALE_STAMP: 2, FUTURE_STAMP: 1, NON_FINITE_OBSERVATION: 1}
+    stale = buf.add(STATE, 4.0, one, now=5.0, arrival=1)
+    assert stale.reason == STALE_STAMP and "stamped 1.000 s ago, beyond the 0.2 s" in stale.detail
+    future = buf.add(STATE, 5.1, one, now=5.0, arrival=1)
+    assert future.reason == FUTURE_STAMP and "0.100 s in the future" in future.detail
+    assert buf.add(STATE, 5.01, np.array([np.nan], dtype=np.float32), now=5.01, arrival=1).reason \
+        == NON_FINITE_OBSERVATION
+    back = buf.add(STATE, 4.95, one, now=5.0, arrival=1)
+    assert back.reason == OUT_OF_ORDER and "0.050 s before the previous sample" in back.detail
+    assert dict(buf.rejected) == {STALE_STAMP: 1, FUTURE_STAMP: 1, NON_FINITE_OBSERVATION: 1, OUT_OF_ORDER: 1}
     assert buf.observation_time() == 5.0
+
+
+def test_a_future_stamped_outlier_neither_blinds_the_stream_nor_looks_fresh() -> None:
+    buf = ObservationBuffer([STATE], n_obs_steps=2, fps=10.0, staleness_s=0.25, future_tolerance_s=0.05)
+    value = np.zeros(1, dtype=np.float32)
+    assert buf.add(STATE, 10.0, value, now=10.0, arrival=0) is None
+    assert buf.add(STATE, 10.14, value + 1, now=10.1, arrival=1) is None  # 40 ms ahead: within the skew tolerance
+    # While nothing else arrives, it is fresh from its arrival (10.1), not from its stamp (10.14).
+    assert buf.observation_time() == pytest.approx(10.1)
+    # The next real sample is stamped before it, but the outlier is still ahead of the clock:
+    # the outlier goes, the real sample stays; the stream is not blinded.
+    dropped = buf.add(STATE, 10.11, value + 2, now=10.11, arrival=2)
+    assert dropped.kept and dropped.reason == FUTURE_OUTLIER and "ahead of the clock" in dropped.detail
+    assert buf.latest()[STATE][0] == 2.0 and buf.observation_time() == pytest.approx(10.11)
+    assert buf.add(STATE, 10.12, value + 3, now=10.12, arrival=3) is None
 
 
 # ---- the per-step correction in the control cycle ----------------------------------------------
@@ -152,9 +196,9 @@ class CorrectingPredictor:
 
 def test_the_correction_applies_to_the_scheduled_action_before_the_safety_layer() -> None:
     predictor, logs = CorrectingPredictor(push_spec()), []
-    limits = SafetyLimits(np.array([-1.0, -1.0]), np.array([1.0, 1.0]), np.array([np.inf, np.inf]))
+    limits = SafetyLimits(np.array([-1.0, -1.0]), np.array([1.0, 1.0]), np.full(2, np.inf), np.full(2, np.inf))
     ctrl = PolicyController(predictor, [ENV_STATE, STATE], horizon=6, blend_s=0.0, staleness_s=0.5, limits=limits,
-                            estop=EStop(), task="push", clock=lambda: 100.0, log=logs.append)
+                            estop=EStop(), task="push", clock=lambda: 100.0, log=logs.append, period_s=0.02)
     assert ctrl.corrects
     ctrl.warm_up()
     assert len(predictor.seen) == 2  # warmed up (and checked) at configure, like the chunk inference
@@ -164,7 +208,7 @@ def test_the_correction_applies_to_the_scheduled_action_before_the_safety_layer(
     ctrl.observe(STATE, 100.0, state + 1, arrival=0.1)
     ctrl.schedule.install(Chunk(100.0, np.full((8, 2), 0.2), 10.0, 6), now=100.0)
 
-    cycle = ctrl.cycle(100.01)  # the correction pushes the command beyond the limits: clamped
+    cycle = ctrl.cycle(100.01, 100.01)  # the correction pushes the command beyond the limits: clamped
     assert cycle.decision.command.tolist() == [1.0, 1.0] and cycle.decision.reasons == (CLAMPED,)
     obs, planned = predictor.seen[-1]
     np.testing.assert_array_equal(obs[STATE], state + 1)  # the newest observation
@@ -172,17 +216,17 @@ def test_the_correction_applies_to_the_scheduled_action_before_the_safety_layer(
     assert cycle.correction_ms > 0
 
     predictor.correction = lambda action: np.full_like(action, np.nan)
-    assert ctrl.cycle(100.02).decision.reasons == (NON_FINITE_ACTION,)  # hold (zero)
+    assert ctrl.cycle(100.02, 100.02).decision.reasons == (NON_FINITE_ACTION,)  # hold (zero)
     predictor.correction = lambda action: 1 / 0
-    decision = ctrl.cycle(100.03).decision
+    decision = ctrl.cycle(100.03, 100.03).decision
     assert decision.reasons == (NON_FINITE_ACTION,) and decision.command.tolist() == [0.0, 0.0]
     assert ctrl.correction_errors == 1 and "correction failed: division by zero" in ctrl.last_error and logs
     predictor.correction = lambda action: action[:1]  # wrong shape: held, never reshaped
-    assert ctrl.cycle(100.04).decision.reasons == (NON_FINITE_ACTION,) and ctrl.correction_errors == 2
+    assert ctrl.cycle(100.04, 100.04).decision.reasons == (NON_FINITE_ACTION,) and ctrl.correction_errors == 2
     assert ctrl.safety.counts[NON_FINITE_ACTION] == 3
 
     calls = len(predictor.seen)
-    cycle = ctrl.cycle(101.0)  # stale observation: the watchdog holds, nothing is corrected
+    cycle = ctrl.cycle(101.0, 101.0)  # stale observation: the watchdog holds, nothing is corrected
     assert cycle.decision.reasons == (STALE_OBSERVATION,) and len(predictor.seen) == calls
     assert np.isnan(cycle.correction_ms)
 
@@ -204,7 +248,7 @@ def push_params(**changes: object) -> dict[str, object]:
         "model": "/models/push", "observation.environment_state.topic": "/object_state",
         "observation.state.names": STATE_NAMES, "observation.environment_state.names": ENV_NAMES,
         "action.names": ACTION_NAMES, "action.lower": [-1.0, -1.0], "action.upper": [1.0, 1.0],
-        "action.max_delta": [0.5, 0.5],
+        "action.max_delta": [0.5, 0.5], "action.max_rate": [25.0, 25.0],
     })
     values.update(changes)
     return values
@@ -252,12 +296,45 @@ def test_mismatches_name_both_sides(changes: dict[str, object], expected: list[s
         ({"control_rate_hz": 0.0}, "control_rate_hz is 0.0"),
         ({"observation.images.cameras": ["top"]}, "observation.images.topics has 0"),
         ({"observation.environment_state.topic": ""}, "environment_state.names is set but"),
+        ({"action.max_rate": []}, "max_rate has 0"),
+        ({"action.max_rate": [25.0, 0.0]}, "max_rate must be > 0"),
+        ({"action.measured": ["pusher_x", "bogus"], "action.hold": ["last"]}, "action.measured names ['bogus']"),
+        ({"action.measured": ["pusher_x"]}, "action.measured has 1 entries"),
+        ({"action.measured": ["pusher_x", ""]}, "position dimensions [0] must hold 'last'"),
+        ({"observation.state.ros_scale": [0.0]}, "observation.state.ros_scale must not be 0"),
+        ({"observation.state.ros_scale": [1.0, 2.0]}, "ros_scale needs one finite value, or one per dimension (4)"),
+        ({"action.ros_names": ["a"]}, "action.ros_names has 1 entries but action.names has 2"),
+        ({"action.ros_names": ["a", "a"]}, "must be distinct"),
     ],
 )
 def test_invalid_parameters_are_refused(changes: dict[str, object], expected: str) -> None:
     with pytest.raises(RobopolicyError, match="invalid policy node parameters") as err:
         PolicyNodeConfig.from_params(push_params(**changes))
     assert expected in str(err.value)
+
+
+def test_joint_map_turns_robot_names_and_units_into_the_models() -> None:
+    """An SO-100-style arm: the model knows degrees and 0-100, the ros2_control driver radians and metres."""
+    deg = 180.0 / np.pi
+    cfg = PolicyNodeConfig.from_params(push_params(**{
+        "observation.state.ros_names": ["shoulder_pan", "shoulder_lift", "elbow_flex", "gripper"],
+        "observation.state.ros_scale": [1 / deg, 1 / deg, 1 / deg, 0.0004],
+        "action.ros_names": ["shoulder_pan", "gripper"], "action.ros_scale": [1 / deg, 0.0004],
+        "action.ros_offset": [0.0, 0.001],
+        "action.measured": ["pusher_x", ""], "action.hold": ["last", "zero"],
+    }))
+    cfg.check_spec(push_spec(), "model M", "params P")  # the model's own names are still checked
+    state = next(f for f in cfg.low_dim if f.key == STATE)
+    reader = JointStateReader("/joint_states", state.joints)
+    msg = JointState(name=["gripper", "elbow_flex", "shoulder_lift", "shoulder_pan", "wrist_roll"],
+                     position=[0.02, np.pi / 2, -np.pi / 4, np.pi, 0.3])
+    np.testing.assert_allclose(reader.read(msg), [180.0, -45.0, 90.0, 50.0], rtol=1e-6)
+    codec = CommandCodec("joint_trajectory", cfg.action_joints, 0.02)
+    command = codec.encode(np.array([90.0, 50.0]), messages.s_to_stamp(1.0))
+    assert command.joint_names == ["shoulder_pan", "gripper"]
+    np.testing.assert_allclose(command.points[0].positions, [np.pi / 2, 0.021])
+    np.testing.assert_allclose(codec.decode(command, "/cmd"), [90.0, 50.0], rtol=1e-6)
+    assert cfg.measured_index == (0, -1) and cfg.limits.position == (True, False)
 
 
 # ---- parameter files ---------------------------------------------------------------------------
@@ -282,7 +359,7 @@ def test_parameter_file_errors_name_file_section_and_parameter(tmp_path: Path) -
 
 # ---- messages -----------------------------------------------------------------------------------
 def test_joint_state_mapping_by_name() -> None:
-    reader = JointStateReader("/joint_states", ["b", "a"])
+    reader = JointStateReader("/joint_states", JointMap.identity(["b", "a"]))
     msg = JointState(name=["a", "b", "extra"], position=[1.0, 2.0, 3.0])
     np.testing.assert_allclose(reader.read(msg), [2.0, 1.0])
     with pytest.raises(MessageError, match=r"lacks \['b'\]") as err:
@@ -307,7 +384,7 @@ def test_images_round_trip_and_are_checked() -> None:
 
 @pytest.mark.parametrize("kind", messages.COMMAND_TYPES)
 def test_commands_round_trip(kind: str) -> None:
-    codec = CommandCodec(kind, ["x", "y"], period_s=0.02)
+    codec = CommandCodec(kind, JointMap.identity(["x", "y"]), period_s=0.02)
     msg = codec.encode(np.array([0.25, -0.5]), messages.s_to_stamp(3.0))
     np.testing.assert_allclose(codec.decode(msg, "/cmd"), [0.25, -0.5])
     assert messages.stamp_to_s(messages.s_to_stamp(1234.000001)) == pytest.approx(1234.000001, abs=1e-9)

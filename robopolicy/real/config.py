@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from robopolicy.errors import RobopolicyError, SpecMismatchError
-from robopolicy.real.messages import COMMAND_TYPES
+from robopolicy.real.messages import COMMAND_TYPES, JointMap
 from robopolicy.real.safety import SafetyLimits
 from robopolicy.spec import ENV_STATE, IMAGE_PREFIX, STATE, FeatureSpec
 
@@ -48,6 +48,15 @@ class Param:
     description: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+
+
+def _joint_map_params(key: str, what: str) -> tuple[Param, ...]:
+    """The joint map of one feature: ROS joint names and units per dimension (empty: identity)."""
+    return (
+        Param(f"{key}.ros_names", "string_array", [], f"{what} per dimension (empty: the model's names)"),
+        Param(f"{key}.ros_scale", "double_array", [], "ros = ros_scale * model + ros_offset, once or per dimension"),
+        Param(f"{key}.ros_offset", "double_array", [], "see ros_scale; once or per dimension (empty: 0)"),
+    )
 
 
 def _topic_params(node: str) -> tuple[Param, ...]:
@@ -75,16 +84,23 @@ POLICY_PARAMS: tuple[Param, ...] = (
     Param("blend_s", "double", 0.1, "linear cross-fade from the old to the new chunk at a seam", minimum=0.0),
     Param("sync_to_observation", "bool", True, "run a control cycle when an observation arrives"),
     Param("observation.staleness_s", "double", 0.25, "observations older than this hold the robot", minimum=1e-3),
-    Param("observation.state.names", "string_array", [], "per-dimension JointState names of observation.state"),
-    Param("observation.environment_state.names", "string_array", [],
-          "per-dimension JointState names of observation.environment_state"),
+    Param("observation.future_tolerance_s", "double", 0.05,
+          "clock skew tolerated: samples stamped further ahead of the node's clock are rejected", minimum=0.0),
+    *(param for key in ("observation.state", "observation.environment_state") for param in (
+        Param(f"{key}.names", "string_array", [], f"the model's per-dimension names of {key}"),
+        *_joint_map_params(key, "JointState joint name"))),
     Param("task", "string", "", "instruction when no language topic is used (empty: the model's first task)"),
     Param("action.names", "string_array", [], "per-dimension names of the action"),
     Param("action.lower", "double_array", [], "lower command limit per dimension"),
     Param("action.upper", "double_array", [], "upper command limit per dimension"),
     Param("action.max_delta", "double_array", [], "largest command change per control cycle, per dimension"),
+    Param("action.max_rate", "double_array", [], "largest command change per second, per dimension"),
     Param("action.hold", "string_array", ["zero"],
           "safe command, once or per dimension: 'zero' (velocity / delta) or 'last' (position, gripper)"),
+    Param("action.measured", "string_array", [],
+          "per dimension: the observation.state name that measures this position command (it then starts "
+          "from the measured value), or '' for a velocity-like command (starts from zero); empty: all ''"),
+    *_joint_map_params("action", "command joint name"),
     Param("inference.threads", "integer", 1, "intra-op threads of the inference backend", minimum=1),
     Param("inference.switch_interval_s", "double", 0.0005,
           "Python GIL switch interval (short: the control thread preempts inference sooner)", minimum=1e-6),
@@ -106,11 +122,12 @@ PARAMS_BY_NODE_KIND = {"policy": POLICY_PARAMS, "sim_bridge": BRIDGE_PARAMS}
 
 @dataclass(frozen=True)
 class FeatureTopic:
-    """Where one observation feature comes from."""
+    """Where one observation feature comes from (``joints``: JointState features only)."""
 
     key: str
     topic: str
     names: tuple[str, ...] = ()
+    joints: JointMap | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,7 @@ class PolicyNodeConfig:
     blend_s: float
     sync_to_observation: bool
     staleness_s: float
+    future_tolerance_s: float
     low_dim: tuple[FeatureTopic, ...]
     images: tuple[FeatureTopic, ...]
     language_topic: str
@@ -131,7 +149,10 @@ class PolicyNodeConfig:
     action_topic: str
     message_type: str
     action_names: tuple[str, ...]
+    action_joints: JointMap
     limits: SafetyLimits
+    #: Per action dimension: the index of its measured value in observation.state, or -1.
+    measured_index: tuple[int, ...]
     qos_depth: int
     qos_reliability: str
     inference_threads: int
@@ -152,12 +173,15 @@ class PolicyNodeConfig:
         names = tuple(v["action.names"])
         if not names:
             problems.append("action.names is empty")
+        joints = {key: _joint_map(key, list(v[f"{key}.names"]), v, problems) for key in (*LOW_DIM_KEYS, "action")}
+        measured = _measured_index(names, list(v["action.measured"]), list(v[f"{STATE}.names"]), problems)
         limits = None
         try:
-            limits = SafetyLimits(np.array(v["action.lower"], dtype=float), np.array(v["action.upper"], dtype=float),
-                                  np.array(v["action.max_delta"], dtype=float), tuple(v["action.hold"]))
+            limits = SafetyLimits(
+                *(np.array(v[f"action.{k}"], dtype=float) for k in ("lower", "upper", "max_delta", "max_rate")),
+                tuple(v["action.hold"]), tuple(i >= 0 for i in measured))
             if names and len(names) != limits.lower.size:
-                problems.append(f"action.names has {len(names)} entries but action.lower/upper/max_delta "
+                problems.append(f"action.names has {len(names)} entries but action.lower/upper/max_delta/max_rate "
                                 f"have {limits.lower.size}")
         except RobopolicyError as e:
             problems.append(f"action limits: {e}")
@@ -171,12 +195,14 @@ class PolicyNodeConfig:
             model=v["model"], backend=v["backend"], control_rate_hz=float(v["control_rate_hz"]),
             execution_horizon=int(v["execution_horizon"]), blend_s=float(v["blend_s"]),
             sync_to_observation=bool(v["sync_to_observation"]), staleness_s=float(v["observation.staleness_s"]),
-            low_dim=tuple(FeatureTopic(k, v[f"{k}.topic"], tuple(v[f"{k}.names"])) for k in LOW_DIM_KEYS
+            future_tolerance_s=float(v["observation.future_tolerance_s"]),
+            low_dim=tuple(FeatureTopic(k, v[f"{k}.topic"], tuple(v[f"{k}.names"]), joints[k]) for k in LOW_DIM_KEYS
                           if v[f"{k}.topic"]),
             images=tuple(FeatureTopic(IMAGE_PREFIX + c, t) for c, t in zip(cams, cam_topics)),
             language_topic=v["observation.language.topic"], task=v["task"],
             action_topic=v["action.topic"], message_type=v["action.message_type"], action_names=names,
-            limits=limits, qos_depth=int(v["qos.depth"]), qos_reliability=v["qos.reliability"],
+            action_joints=joints["action"], limits=limits, measured_index=measured,
+            qos_depth=int(v["qos.depth"]), qos_reliability=v["qos.reliability"],
             inference_threads=int(v["inference.threads"]), switch_interval_s=float(v["inference.switch_interval_s"]),
             diagnostics_period_s=float(v["diagnostics_period_s"]),
         )
@@ -230,6 +256,44 @@ class PolicyNodeConfig:
 
     def default_task(self, spec: FeatureSpec) -> str:
         return self.task or (spec.tasks[0] if spec.tasks else "")
+
+
+def _joint_map(key: str, names: list[str], v: Mapping[str, Any], problems: list[str]) -> JointMap:
+    """``key``'s joint map from its ``ros_names`` / ``ros_scale`` / ``ros_offset`` (identity where unset)."""
+    n = len(names)
+    ros_names = list(v[f"{key}.ros_names"]) or names
+    arrays = {}
+    for what, default in (("ros_scale", 1.0), ("ros_offset", 0.0)):
+        given = np.asarray(v[f"{key}.{what}"] or [default], dtype=np.float64)
+        if given.size not in (1, n) or not np.all(np.isfinite(given)):
+            problems.append(f"{key}.{what} needs one finite value, or one per dimension ({n}); got {given.tolist()}")
+            given = np.full(1, default)
+        arrays[what] = np.broadcast_to(given, (n,)).copy()
+    if np.any(arrays["ros_scale"] == 0):
+        problems.append(f"{key}.ros_scale must not be 0")
+        arrays["ros_scale"][arrays["ros_scale"] == 0] = 1.0
+    if len(ros_names) != n:
+        problems.append(f"{key}.ros_names has {len(ros_names)} entries but {key}.names has {n}")
+        ros_names = names
+    elif len(set(ros_names)) != n or not all(ros_names):
+        problems.append(f"{key}.ros_names must be distinct and non-empty, got {ros_names}")
+    return JointMap(tuple(ros_names), arrays["ros_scale"], arrays["ros_offset"])
+
+
+def _measured_index(action_names: tuple[str, ...], measured: list[str], state_names: list[str],
+                    problems: list[str]) -> tuple[int, ...]:
+    """Per action dimension, the index of the ``observation.state`` name that measures it, or -1."""
+    if not measured:
+        return (-1,) * len(action_names)
+    if len(measured) != len(action_names):
+        problems.append(f"action.measured has {len(measured)} entries but action.names has {len(action_names)} "
+                        "(one observation.state name, or '', per dimension)")
+        return (-1,) * len(action_names)
+    unknown = [m for m in measured if m and m not in state_names]
+    if unknown:
+        problems.append(f"action.measured names {unknown}, which observation.state.names ({state_names}) lacks")
+        return (-1,) * len(action_names)
+    return tuple(state_names.index(m) if m else -1 for m in measured)
 
 
 def _check_param(p: Param, value: Any) -> str | None:

@@ -1,19 +1,22 @@
 """ROS 2 message <-> numpy conversion, by hand (no cv_bridge), with errors that say why.
 
 * Low-dimensional features travel as ``sensor_msgs/JointState``: one entry per dimension,
-  named with the feature's per-dimension names (``env.feature_names``), the value in
-  ``position``. Readers map by name, so a robot may publish more joints, in any order.
+  the value in ``position``. Readers map by name, so a robot may publish more joints, in any
+  order. A :class:`JointMap` ties each feature dimension to the robot's joint name and
+  units (``ros = scale * model + offset``: degrees <-> radians, gripper 0-100 <-> metres);
+  the identity map uses the feature's own per-dimension names (``env.feature_names``).
 * Images travel as ``sensor_msgs/Image`` (``rgb8`` or ``bgr8``), checked against the
   policy's ``(H, W, 3)``.
 * Commands are ``std_msgs/Float64MultiArray`` (values in the configured action order) or
   ``trajectory_msgs/JointTrajectory`` (one point, values in ``positions``, joints named by
-  the action's per-dimension names).
+  the action's joint map), in the robot's units.
 * Telemetry batches are ``std_msgs/Float64MultiArray`` with a 2-D layout whose column
   dimension is labelled with the comma-separated field names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -48,11 +51,35 @@ def s_to_stamp(t: float) -> Time:
     return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
-class JointStateReader:
-    """Picks the named dimensions of a feature out of ``JointState.position``."""
+@dataclass(frozen=True)
+class JointMap:
+    """Per feature dimension: the robot's joint name, and ``ros = scale * model + offset``."""
 
-    def __init__(self, topic: str, names: list[str]) -> None:
-        self.topic, self.names = topic, list(names)
+    ros_names: tuple[str, ...]
+    scale: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def identity(cls, names: list[str]) -> "JointMap":
+        return cls(tuple(names), np.ones(len(names)), np.zeros(len(names)))
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.all(self.scale == 1.0) and np.all(self.offset == 0.0))
+
+    def to_model(self, ros_values: np.ndarray) -> np.ndarray:
+        return (ros_values - self.offset) / self.scale
+
+    def to_ros(self, model_values: np.ndarray) -> np.ndarray:
+        return self.scale * model_values + self.offset
+
+
+class JointStateReader:
+    """Picks a feature's dimensions out of ``JointState.position`` by joint name, in model units."""
+
+    def __init__(self, topic: str, joints: JointMap) -> None:
+        self.topic, self.joints = topic, joints
+        self.names = list(joints.ros_names)
         self._index: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def read(self, msg: JointState) -> np.ndarray:
@@ -67,7 +94,8 @@ class JointStateReader:
                 raise MessageError(WRONG_NAMES, f"JointState on {self.topic} lacks {missing}; "
                                                 f"it has {list(key)}, the policy needs {self.names}")
             self._index = (key, np.array([where[n] for n in self.names]))
-        return np.asarray(msg.position, dtype=np.float32)[self._index[1]]
+        values = np.asarray(msg.position, dtype=np.float64)[self._index[1]]
+        return (values if self.joints.is_identity else self.joints.to_model(values)).astype(np.float32)
 
 
 def joint_state(names: list[str], values: np.ndarray, stamp: Time) -> JointState:
@@ -101,19 +129,20 @@ def array_to_image(img: np.ndarray, stamp: Time, frame_id: str = "") -> Image:
 
 
 class CommandCodec:
-    """Encodes / decodes an action vector as the configured command message type."""
+    """Encodes / decodes an action vector (model units) as the configured command message type
+    (robot names and units, through ``joints``)."""
 
-    def __init__(self, kind: str, names: list[str], period_s: float) -> None:
+    def __init__(self, kind: str, joints: JointMap, period_s: float) -> None:
         if kind not in COMMAND_TYPES:
             raise ValueError(f"command message type must be one of {COMMAND_TYPES}, got {kind!r}")
-        self.kind, self.names = kind, list(names)
+        self.kind, self.joints, self.names = kind, joints, list(joints.ros_names)
         self.msg_type: Any = Float64MultiArray if kind == "float64_multi_array" else JointTrajectory
         ns = int(round(period_s * 1e9))
         self._time_from_start = Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
-        self._reader = JointStateReader("", names)
+        self._reader = JointStateReader("", joints)
 
     def encode(self, values: np.ndarray, stamp: Time) -> Any:
-        data = np.asarray(values, dtype=np.float64).tolist()
+        data = self.joints.to_ros(np.asarray(values, dtype=np.float64)).tolist()
         if self.kind == "float64_multi_array":
             msg = Float64MultiArray(data=data)
             msg.layout.dim = [MultiArrayDimension(label="action", size=len(data), stride=len(data))]
@@ -124,11 +153,12 @@ class CommandCodec:
         return msg
 
     def decode(self, msg: Any, topic: str) -> np.ndarray:
+        """The command in model units."""
         if self.kind == "float64_multi_array":
             if len(msg.data) != len(self.names):
                 raise MessageError(WRONG_SIZE, f"command on {topic} has {len(msg.data)} values; "
                                                f"expected {len(self.names)} ({self.names})")
-            return np.asarray(msg.data, dtype=np.float64)
+            return self.joints.to_model(np.asarray(msg.data, dtype=np.float64))
         if not msg.points:
             raise MessageError(WRONG_SIZE, f"JointTrajectory on {topic} has no points")
         js = JointState(name=list(msg.joint_names), position=list(msg.points[0].positions))

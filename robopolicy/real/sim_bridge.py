@@ -31,7 +31,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from robopolicy.real.config import BRIDGE_PARAMS, LOW_DIM_KEYS
-from robopolicy.real.messages import CommandCodec, MessageError, array_to_image, joint_state, s_to_stamp
+from robopolicy.real.messages import CommandCodec, JointMap, MessageError, array_to_image, joint_state, s_to_stamp
 from robopolicy.real.nodes import SIM_BRIDGE
 from robopolicy.real.rosutil import RECORD_QOS, declare_parameters, parameter_values, run_node, stream_qos
 from robopolicy.sim import make_env
@@ -61,7 +61,7 @@ class SimBridge(Node):
         keys = sorted((k for k in LOW_DIM_KEYS if p[f"{k}.topic"] and k in self.env.observation_space.spaces),
                       key=lambda k: k == STATE)
         self._low_dim = [(k, names[k], self.create_publisher(JointState, p[f"{k}.topic"], qos)) for k in keys]
-        self._codec = CommandCodec(p["action.message_type"], names[ACTION], 1.0 / self.env.fps)
+        self._codec = CommandCodec(p["action.message_type"], JointMap.identity(names[ACTION]), 1.0 / self.env.fps)
         self._action_topic = p["action.topic"]
         self.create_subscription(self._codec.msg_type, self._action_topic, self._on_command, qos)
         self._results = self.create_publisher(String, p["result_topic"], RECORD_QOS)
