@@ -243,7 +243,7 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run with --sim")
     p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until --episodes or Ctrl-C)")
     p.add_argument("--out", help="report folder (default: <model>/deploy/<timestamp>)")
-    p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID or random)")
+    p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID; unset: 0 on a robot, random with --sim)")
     p.set_defaults(func=cmd_deploy)
 
 

@@ -116,7 +116,7 @@ def deploy(
     applied = check_params_file(params)
     out_dir = Path(out) if out is not None else model / "deploy" / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    domain = pick_domain_id(domain_id)
+    domain = pick_domain_id(domain_id, robot=sim is None)
     control_rate = float(applied[POLICY.name]["control_rate_hz"])
     processes = _Processes(out_dir, ros_environment(domain))
     start = time.monotonic()

@@ -131,10 +131,21 @@ def ros_environment(domain_id: int) -> dict[str, str]:
     return env
 
 
-def pick_domain_id(requested: int | None = None) -> int:
-    """``requested``, else ``$ROS_DOMAIN_ID``, else a random safe id."""
+def pick_domain_id(requested: int | None = None, robot: bool = False) -> int:
+    """``requested``, else ``$ROS_DOMAIN_ID``, else ROS' default 0 on a robot (its driver is
+    there) or a random safe id in simulation (a private sim stays off everyone's domain)."""
     if requested is not None:
         return requested
-    if os.environ.get("ROS_DOMAIN_ID", "").strip().isdigit():
-        return int(os.environ["ROS_DOMAIN_ID"])
-    return random.choice(SAFE_DOMAIN_IDS)
+    value = os.environ.get("ROS_DOMAIN_ID", "").strip()
+    if value:
+        if not value.isdigit():
+            raise RobopolicyError(f"ROS_DOMAIN_ID={value!r} is not a domain id (0-232)")
+        return int(value)
+    return 0 if robot else random.choice(SAFE_DOMAIN_IDS)
+
+
+def launch_flag(name: str, value: str) -> bool:
+    """A launch argument's ``true`` / ``false`` (any case), or a clear error."""
+    if value.strip().lower() not in ("true", "false"):
+        raise RobopolicyError(f"launch argument {name}:={value!r} must be true or false")
+    return value.strip().lower() == "true"

@@ -61,7 +61,12 @@ _TYPES = {
 
 
 def declare_parameters(node: Node, params: tuple[Param, ...]) -> None:
-    """Declare ``params`` with typed descriptors (values from overrides / YAML where given)."""
+    """Declare ``params`` with typed descriptors (values from overrides / YAML where given).
+
+    Raises :class:`RobopolicyError` for a wrongly typed value or a name the node does not
+    declare (rclpy would silently ignore a misspelt one), whichever way it was given:
+    ``--params-file``, ``-p``, a launch file or ``parameter_overrides``.
+    """
     for p in params:
         ros_type, py_type = _TYPES[p.type]
         constraints = f"one of {list(p.choices)}" if p.choices else ""
@@ -74,6 +79,10 @@ def declare_parameters(node: Node, params: tuple[Param, ...]) -> None:
             node.declare_parameter(p.name, default, descriptor)
         except InvalidParameterTypeException as e:
             raise RobopolicyError(f"parameter {p.name} of node {node.get_name()} must be a {p.type}: {e}") from None
+    unknown = sorted(name for name in node._parameter_overrides if not node.has_parameter(name))
+    if unknown:
+        raise RobopolicyError(f"node {node.get_name()} has no parameter(s) {unknown} (misspelt? its parameters "
+                              "are listed in real/README.md)")
 
 
 def parameter_values(node: Node, params: tuple[Param, ...]) -> dict[str, Any]:
@@ -102,6 +111,8 @@ def run_node(make_node: Callable[[Context], Node], on_exit: Callable[[Node], Non
 
     SIGINT and SIGTERM stop the loop; ``on_exit(node)`` runs while the context is still
     up, then the node is destroyed and rclpy shut down.
+    A :class:`RobopolicyError` while the node starts (a parameter of the wrong type, an
+    unknown parameter name) is one line on stderr and exit status 2, not a traceback.
     """
     context = Context()
     rclpy.init(args=sys.argv if args is None else args, context=context,
@@ -109,7 +120,12 @@ def run_node(make_node: Callable[[Context], Node], on_exit: Callable[[Node], Non
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node = make_node(context)
+    try:
+        node = make_node(context)
+    except RobopolicyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        context.try_shutdown()
+        return 2
     executor = EventsExecutor(context=context)
     executor.add_node(node)
     try:
