@@ -208,7 +208,7 @@ def test_the_correction_applies_to_the_scheduled_action_before_the_safety_layer(
     ctrl.observe(STATE, 100.0, state + 1, arrival=0.1)
     ctrl.schedule.install(Chunk(100.0, np.full((8, 2), 0.2), 10.0, 6), now=100.0)
 
-    cycle = ctrl.cycle(100.01, 100.01)  # the correction pushes the command beyond the limits: clamped
+    cycle = ctrl.cycle(100.01)  # the correction pushes the command beyond the limits: clamped
     assert cycle.decision.command.tolist() == [1.0, 1.0] and cycle.decision.reasons == (CLAMPED,)
     obs, planned = predictor.seen[-1]
     np.testing.assert_array_equal(obs[STATE], state + 1)  # the newest observation
@@ -216,17 +216,17 @@ def test_the_correction_applies_to_the_scheduled_action_before_the_safety_layer(
     assert cycle.correction_ms > 0
 
     predictor.correction = lambda action: np.full_like(action, np.nan)
-    assert ctrl.cycle(100.02, 100.02).decision.reasons == (NON_FINITE_ACTION,)  # hold (zero)
+    assert ctrl.cycle(100.02).decision.reasons == (NON_FINITE_ACTION,)  # hold (zero)
     predictor.correction = lambda action: 1 / 0
-    decision = ctrl.cycle(100.03, 100.03).decision
+    decision = ctrl.cycle(100.03).decision
     assert decision.reasons == (NON_FINITE_ACTION,) and decision.command.tolist() == [0.0, 0.0]
     assert ctrl.correction_errors == 1 and "correction failed: division by zero" in ctrl.last_error and logs
     predictor.correction = lambda action: action[:1]  # wrong shape: held, never reshaped
-    assert ctrl.cycle(100.04, 100.04).decision.reasons == (NON_FINITE_ACTION,) and ctrl.correction_errors == 2
+    assert ctrl.cycle(100.04).decision.reasons == (NON_FINITE_ACTION,) and ctrl.correction_errors == 2
     assert ctrl.safety.counts[NON_FINITE_ACTION] == 3
 
     calls = len(predictor.seen)
-    cycle = ctrl.cycle(101.0, 101.0)  # stale observation: the watchdog holds, nothing is corrected
+    cycle = ctrl.cycle(101.0)  # stale observation: the watchdog holds, nothing is corrected
     assert cycle.decision.reasons == (STALE_OBSERVATION,) and len(predictor.seen) == calls
     assert np.isnan(cycle.correction_ms)
 

@@ -134,9 +134,9 @@ class PolicyController:
         it triggers ran, so the two do not compete for the GIL)."""
         self._wake.set()
 
-    def cycle(self, now: float, mono: float) -> Cycle:
-        """This cycle's safe command (the scheduled action, corrected, through the safety layer);
-        ``now`` is ROS time, ``mono`` monotonic time (the slew limit's clock)."""
+    def cycle(self, now: float) -> Cycle:
+        """This cycle's safe command (the scheduled action, corrected, through the safety layer) at
+        ROS time ``now``: the command's stamp, and the clock its slew limit per second runs on."""
         observation_time = self.buffer.observation_time()
         with self._lock:
             reason = self.watchdog.check(now, observation_time, self.schedule.plan_end)
@@ -146,7 +146,7 @@ class PolicyController:
             start = time.perf_counter()
             proposed = self._corrected(proposed)
             correction_ms = (time.perf_counter() - start) * 1e3
-        decision = self.safety.apply(proposed, mono, reason, self._measured_positions())
+        decision = self.safety.apply(proposed, now, reason, self._measured_positions())
         newest = self.buffer.newest
         if newest is not None and newest[0] > self._used_arrival:
             self._used_arrival = newest[0]

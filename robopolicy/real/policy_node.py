@@ -94,12 +94,12 @@ class PolicyNode(LifecycleNode):
 
     def __init__(self, context: Context | None = None, loader: Loader = load_predictor,
                  parameter_overrides: list[Parameter] | None = None) -> None:
+        self._loop: ControlLoop | None = None  # before anything can fail: destroy_node reads it
         super().__init__(POLICY.name, context=context, parameter_overrides=parameter_overrides or [])
         declare_parameters(self, POLICY_PARAMS)
         self._loader = loader
         self._estop = EStop()
         self._conf: _Configured | None = None
-        self._loop: ControlLoop | None = None
         self._status, self._error = "unconfigured", ""
         self._reasons: tuple[str, ...] = ()
         self._rejections_lock = threading.Lock()
@@ -234,9 +234,10 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error("the control thread did not stop in time")
         if not conf.ctrl.stop():
             self.get_logger().warning("the inference thread is still in the model; it is abandoned")
-        hold = conf.ctrl.safety.hold_now(time.perf_counter())
+        now = self._now()
+        hold = conf.ctrl.safety.hold_now(now)
         if hold is not None:
-            conf.publisher.publish(conf.codec.encode(hold, s_to_stamp(self._now())))
+            conf.publisher.publish(conf.codec.encode(hold, s_to_stamp(now)))
         self._status = "inactive"
         self._publish_diagnostics()
 
@@ -286,7 +287,7 @@ class PolicyNode(LifecycleNode):
         start = time.perf_counter()
         accepted = self._file(conf)
         now = self._now()
-        decision, used, correction_ms = conf.ctrl.cycle(now, start)
+        decision, used, correction_ms = conf.ctrl.cycle(now)
         if decision.command is not None:
             conf.publisher.publish(conf.codec.encode(decision.command, s_to_stamp(now)))
         end = time.perf_counter()

@@ -22,6 +22,7 @@ from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.context import Context
 from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializedException
 from rclpy.executors import Executor, ExternalShutdownException
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.experimental import EventsExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -112,11 +113,16 @@ def run_node(make_node: Callable[[Context], Node], on_exit: Callable[[Node], Non
     SIGINT and SIGTERM stop the loop; ``on_exit(node)`` runs while the context is still
     up, then the node is destroyed and rclpy shut down.
     A :class:`RobopolicyError` while the node starts (a parameter of the wrong type, an
-    unknown parameter name) is one line on stderr and exit status 2, not a traceback.
+    unknown parameter name) or a parameter file rcl cannot parse is one line on stderr and
+    exit status 2, not a traceback.
     """
     context = Context()
-    rclpy.init(args=sys.argv if args is None else args, context=context,
-               signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=sys.argv if args is None else args, context=context,
+                   signal_handler_options=SignalHandlerOptions.NO)
+    except _rclpy.RCLError as e:  # e.g. a parameter file rcl cannot parse
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

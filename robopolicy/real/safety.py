@@ -191,8 +191,10 @@ class Decision:
 class SafetyFilter:
     """Applies e-stop, hold, NaN rejection, clamping and slew limiting to each command.
 
-    Times (``now``) are monotonic seconds. ``period_s`` is the nominal control period: the
-    slew allowance of the first command after a (re)start, which has no previous one.
+    Times (``now``) are the commands' stamps (ROS time, seconds), so the robot sees the slew
+    limit hold between the stamps it receives; a clock that steps back allows no motion until
+    it catches up. ``period_s`` is the nominal control period: the slew allowance of the first
+    command after a (re)start, which has no previous one.
     """
 
     limits: SafetyLimits
@@ -250,8 +252,8 @@ class SafetyFilter:
             measured_origin = self._measured_origin(measured)
             if measured_origin is None:
                 hold_reason = NO_MEASURED_STATE
-            else:
-                origin, dt = measured_origin, self.period_s
+            else:  # from where the robot is; no faster than the last command allows either
+                origin, dt = measured_origin, min(dt, self.period_s)
         if hold_reason is not None:
             reasons.append(hold_reason)
             return self._finish(self.hold_command(), reasons, now, origin, dt)
