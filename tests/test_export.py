@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,10 +16,12 @@ import pytest
 import torch
 
 from robopolicy.export import (
-    ExportError, ModelFileError, ObservationError, TensorRTUnavailableError, export_policy, load_policy,
+    ExportError, ModelFileError, NonFiniteActionError, ObservationError, TensorRTUnavailableError, export_policy,
+    load_policy,
 )
 from robopolicy.export import graph as graph_ops
-from robopolicy.export.runtime import sample_observation
+from robopolicy.export.onnx_export import PARITY_REL_TOLERANCE
+from robopolicy.export.runtime import BOUND_FIELDS_KEY, sample_observation
 from robopolicy.policies.factory import make_policy
 from robopolicy.spec import Feature, FeatureSpec, Stats
 from robopolicy.train.checkpoint import save_policy
@@ -46,11 +51,18 @@ def make_spec(image: bool) -> FeatureSpec:
     return FeatureSpec(features=feats, fps=10.0)
 
 
-def make_checkpoint(folder: Path, family: str, image: bool) -> Path:
-    """A tiny untrained policy saved as a checkpoint folder (what training writes)."""
+def make_checkpoint(
+    folder: Path, family: str, image: bool, spec: FeatureSpec | None = None,
+    edit: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> Path:
+    """A tiny untrained policy (for ``spec``, default :func:`make_spec`) saved as a checkpoint folder (what
+    training writes); ``edit`` changes its weights in place first."""
     torch.manual_seed(0)
-    policy = make_policy(family, make_spec(image), TINY).eval()
-    save_policy(folder, policy, policy.state_dict(), {"env": "push", "dataset": {"path": "synthetic"}, "step": 7})
+    policy = make_policy(family, spec or make_spec(image), TINY).eval()
+    weights = {k: v.clone() for k, v in policy.state_dict().items()}
+    if edit is not None:
+        edit(weights)
+    save_policy(folder, policy, weights, {"env": "push", "dataset": {"path": "synthetic"}, "step": 7})
     return folder
 
 
@@ -84,7 +96,11 @@ def observation(spec: FeatureSpec, seed: int = 1) -> dict[str, np.ndarray]:
 def test_export_parity_and_manifest(exports, family: str) -> None:
     ckpt, folder = exports[family]
     m = json.loads((folder / "manifest.json").read_text())
-    assert m["parity"]["max_abs_diff"] <= 1e-4
+    parity = m["parity"]
+    assert parity["max_abs_diff"] <= 1e-4 and parity["max_rel_diff"] <= parity["rel_tolerance"] == PARITY_REL_TOLERANCE
+    # relative to each action dimension's range: vx in [-0.5, 0.5], vy in [-1, 1]
+    assert parity["tolerance_per_dim"] == pytest.approx([PARITY_REL_TOLERANCE, 2 * PARITY_REL_TOLERANCE])
+    assert parity["tolerance"] == pytest.approx(2 * PARITY_REL_TOLERANCE) and parity["worst_dimension"] in ("vx", "vy")
     names = ["observation.environment_state", "observation.state"] + ([CAMERA] if family == "flow" else []) + ["noise"]
     assert [i["name"] for i in m["inputs"]] == names
     assert m["inputs"][1] == {"name": "observation.state", "shape": [1, 2, 3], "dtype": "float32"}
@@ -94,6 +110,9 @@ def test_export_parity_and_manifest(exports, family: str) -> None:
     assert m["outputs"] == [{"name": "action", "shape": [1, 4, 2], "dtype": "float32"}]
     model = onnx.load(str(folder / "policy.onnx"))
     assert m["model"]["op_count"] == len(model.graph.node) and m["model"]["opset"] == 17
+    carried = json.loads({p.key: p.value for p in model.metadata_props}[BOUND_FIELDS_KEY])
+    assert carried["spec"] == m["spec"] and carried["timing"] == m["timing"] and carried["model.opset"] == 17
+    assert "model.sha256" not in carried and "parity" not in carried and carried["checkpoint"] == m["checkpoint"]
     assert m["model"]["batch_size"] == 1 and m["model"]["static_shapes"] and m["model"]["target"] == "cpu"
     assert m["policy"]["type"] == family and m["policy"]["num_inference_steps"] == 3
     assert m["timing"] == {"fps": 10.0, "n_obs_steps": 2, "horizon": 8, "n_action_steps": 4}
@@ -192,6 +211,103 @@ def test_manifest_that_does_not_match_the_graph(exports, tmp_path) -> None:
         load_policy(folder)
 
 
+def edited_copy(source: Path, tmp_path: Path, change: Callable[[dict[str, Any]], Any]) -> Path:
+    """A copy of the export folder ``source`` whose ``manifest.json`` ``change`` edited."""
+    folder = shutil.copytree(source, tmp_path / "edited")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def _reverse_state_names(m: dict[str, Any]) -> None:
+    m["spec"]["features"]["observation.state"]["names"].reverse()
+
+
+def _longer_chunks(m: dict[str, Any]) -> None:
+    """Ta = 8 in the spec and the outputs alike (a consistent manifest, for another graph)."""
+    m["spec"]["n_action_steps"] = 8
+    m["outputs"][0]["shape"] = [1, 8, 2]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m["spec"].update(fps=25),
+         r"manifest.json says spec.fps = 25 but policy.onnx was exported with 10.0; the export folder was edited after "
+         r"export: export again$"),
+        (lambda m: m["timing"].update(n_action_steps=8), r"says timing.n_action_steps = 8 but policy.onnx was exported with 4;"),
+        (lambda m: m["spec"]["features"]["action"]["stats"]["max"].__setitem__(1, 57.3),
+         r"says spec.features.action.stats.max\[1\] = 57.3 but policy.onnx was exported with 1.0;"),
+        (_reverse_state_names, r'says spec.features\["observation.state"\].names\[0\] = "z" but policy.onnx was exported with "x"'),
+        (lambda m: m["model"].update(precision="fp16"), r'says model.precision = "fp16" but policy.onnx was exported with "fp32"'),
+        (lambda m: m.pop("action_limits"), r"manifest.json has no action_limits but policy.onnx was exported with \{"),
+        (_longer_chunks, r"graph outputs are \[action \[1, 4, 2\] float32\] but the manifest says \[action \[1, 8, 2\] float32\]"),
+    ],
+    ids=["fps", "timing.n_action_steps", "action_stats", "state_names", "precision", "section_removed", "consistent_Ta"],
+)
+def test_edited_manifest_is_refused_at_load(exports, tmp_path, backend: str, change, match: str) -> None:
+    """Each graph carries the manifest fields it was exported with (covered by its SHA-256): an edited
+    fps would replay chunks at the wrong rate, an edited Ta would execute steps the policy never planned."""
+    with pytest.raises(ModelFileError, match=match):
+        load_policy(edited_copy(exports["diffusion"][1], tmp_path, change), backend=backend)
+
+
+def test_measurements_in_the_manifest_are_not_bound(exports, tmp_path) -> None:
+    """Parity and latency describe the folder as measured; editing them changes nothing the runtime does."""
+    def change(m: dict[str, Any]) -> None:
+        m["parity"]["max_abs_diff"], m["performance"]["onnxruntime"]["p50_ms"] = 0.0, 0.001
+
+    policy = load_policy(edited_copy(exports["diffusion"][1], tmp_path, change))
+    assert policy.predict_chunk(observation(policy.spec)).shape == (1, 4, 2)
+
+
+def test_torch_backend_checks_the_checkpoint_copy(exports, tmp_path) -> None:
+    folder = shutil.copytree(exports["diffusion"][1], tmp_path / "copy")
+    meta = json.loads((folder / "checkpoint" / "policy.json").read_text())
+    meta["spec"]["fps"] = 25.0
+    (folder / "checkpoint" / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"checkpoint/policy.json does not match its manifest .*modified after export"):
+        load_policy(folder, backend="torch")
+    assert load_policy(folder).predict_chunk(observation(load_policy(folder).spec)).shape == (1, 4, 2)  # not read
+
+
+def test_exports_whose_graph_carries_no_manifest_fields_are_refused(exports, tmp_path) -> None:
+    folder = shutil.copytree(exports["diffusion"][1], tmp_path / "copy")
+    model = onnx.load(str(folder / "policy.onnx"))
+    del model.metadata_props[:]
+    data = model.SerializeToString()
+    (folder / "policy.onnx").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["model"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"policy.onnx carries no readable manifest fields .*export again"):
+        load_policy(folder)
+    manifest["format"] = "robopolicy.export/1"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"format 'robopolicy.export/1', expected 'robopolicy.export/2'; export again"):
+        load_policy(folder)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_non_finite_actions_are_never_returned(exports, residual_export, backend: str) -> None:
+    """A finite observation far outside the training range (a sensor glitch at float32's limit) makes
+    the graph overflow: the caller gets an error naming the graph and the first bad index, not NaN."""
+    policy = load_policy(exports["diffusion"][1], backend=backend)
+    obs = observation(policy.spec)
+    obs["observation.state"][0, :, :2] = [3e38, -3e38]
+    source = "checkpoint" if backend == "torch" else "policy.onnx"
+    with pytest.raises(NonFiniteActionError, match=rf"{source} \({backend}\) produced a non-finite action \((nan|inf) at "
+                                                   r"action\[0, 0, 0\], dimension 'vx'\) from a finite observation"):
+        policy.predict_chunk(obs)
+    residual = load_policy(residual_export[0], backend=backend)
+    source = "checkpoint" if backend == "torch" else "residual.onnx"
+    with pytest.raises(NonFiniteActionError, match=rf"{source} \({backend}\) produced a non-finite action \((nan|inf) at "
+                                                   r"action\[0, 0\], dimension 'vx'\)"):
+        residual.correct_action(step_observation(residual.spec), np.float32([3e38, -3e38]))
+
+
 def test_unknown_backend(exports) -> None:
     with pytest.raises(Exception, match="unknown backend 'tensorflow'"):
         load_policy(exports["diffusion"][1], backend="tensorflow")
@@ -236,6 +352,62 @@ def test_torch_eager_is_timed_on_onnxruntimes_thread_count(exports, tmp_path) ->
     finally:
         torch.set_num_threads(1)
     assert perf["torch_eager"]["threads"] == perf["onnxruntime"]["threads"] == 1
+
+
+def _nan_weight(weights: dict[str, torch.Tensor]) -> None:
+    weights["encoder.state_mlp.0.weight"][0, 5] = float("nan")
+
+
+def _overflowing_weights(weights: dict[str, torch.Tensor]) -> None:
+    weights["encoder.state_mlp.0.weight"] *= 1e30  # finite, but the features overflow downstream
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_nan_weight, r"policy.safetensors: tensor 'encoder.state_mlp.0.weight' \[32, \d+\] holds nan at index \[0, 5\]: "
+                      r"the checkpoint's weights are not finite \(did training diverge\?\); the export was not written$"),
+        (_overflowing_weights, r"parity check failed for the action chunk \(policy.onnx\): the torch policy produced "
+                               r"non-finite actions \((nan|inf) at action\[0, 0, 0\]\) .*the export was not written$"),
+    ],
+    ids=["nan_weight", "overflowing_weights"],
+)
+def test_non_finite_checkpoints_are_not_exported(tmp_path, edit, match: str) -> None:
+    """NaN must not pass parity as 0.0 (``max(0.0, nan)`` is 0.0): a non-finite weight or output fails the export."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "diffusion", False, edit=edit)
+    with pytest.raises(ExportError, match=match):
+        export_policy(ckpt, tmp_path / "out", latency_runs=3)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*export-*"))
+
+
+def test_parity_tolerance_is_relative_to_each_action_range(tmp_path) -> None:
+    """A diffusion policy on a 6-joint arm in degrees: the graphs compute in normalized units, so fp32
+    rounding is ~1e-4 in degrees (over a fixed 1e-4 in raw units) and ~1e-6 of each joint's range."""
+    lo, hi = [-180.0, -90.0, -170.0, -350.0, -120.0, 0.0], [180.0, 270.0, 170.0, 350.0, 120.0, 360.0]
+    spec = make_spec(False)
+    spec.features["action"] = low_dim("action", lo, hi, [f"joint{i}_deg" for i in range(6)])
+    report = export_policy(make_checkpoint(tmp_path / "ckpt", "diffusion", False, spec), tmp_path / "deg", latency_runs=3)
+    parity = report.manifest["parity"]
+    assert parity["max_rel_diff"] <= PARITY_REL_TOLERANCE and parity["worst_dimension"].startswith("joint")
+    assert parity["tolerance_per_dim"] == pytest.approx(PARITY_REL_TOLERANCE * np.subtract(hi, lo))
+    assert parity["max_abs_diff"] <= parity["tolerance"]  # what readers of the old scalar fields check
+    assert "of the action range (tolerance 5e-05 of each dimension's range" in report.summary()
+
+
+def test_parity_failure_names_the_dimension_and_its_range() -> None:
+    from robopolicy.export.onnx_export import _parity_report, action_ranges
+
+    action = low_dim("action", [-180.0, -1.0], [180.0, 1.0], ["shoulder_deg", "gripper"])
+    ranges = action_ranges(action)
+    assert ranges.tolist() == [360.0, 2.0]
+    report = _parity_report(np.array([1e-2, 1e-5]), ranges, PARITY_REL_TOLERANCE, action, "onnxruntime", "the chunk")
+    assert report["worst_dimension"] == "shoulder_deg" and report["max_abs_diff"] == 1e-2
+    with pytest.raises(ExportError, match=r"differ by up to 0.001 in action dimension 'gripper', 0.0005 of its range 2 "
+                                          r"\(tolerance 5e-05 of the range\); the export was not written"):
+        _parity_report(np.array([1e-2, 1e-3]), ranges, PARITY_REL_TOLERANCE, action, "onnxruntime", "the chunk")
+    constant = low_dim("action", [0.5, -1.0], [0.5, 1.0])  # a dimension that never moved: |mean| + std
+    assert action_ranges(constant).tolist() == [1.5, 2.0]
+    assert action_ranges(Feature("action", (3,))).tolist() == [1.0, 1.0, 1.0]  # no statistics
 
 
 @pytest.mark.slow
@@ -408,3 +580,10 @@ def test_fp16_residual_export_checks_both_paths(residual_export, tmp_path) -> No
     assert "correction parity vs torch: max |diff|" in summary and "per-step correction: onnxruntime p50" in summary
     policy = load_policy(report.out)
     assert policy.correct_action(step_observation(policy.spec), np.zeros(2, np.float32)).dtype == np.float32
+
+
+def test_edited_residual_section_is_refused_at_load(residual_export, tmp_path) -> None:
+    folder = edited_copy(residual_export[0], tmp_path, lambda m: m["residual"].update(action_scale=0.5))
+    for backend in ("onnxruntime", "torch"):
+        with pytest.raises(ModelFileError, match=r"says residual.action_scale = 0.5 but residual.onnx was exported with 0.3"):
+            load_policy(folder, backend=backend)

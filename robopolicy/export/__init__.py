@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from robopolicy.export.errors import ExportError, ModelFileError, ObservationError, TensorRTUnavailableError
+from robopolicy.export.errors import (
+    ExportError, ModelFileError, NonFiniteActionError, ObservationError, TensorRTUnavailableError,
+)
 from robopolicy.export.runtime import BACKENDS, ExportedPolicy, ExportedResidualPolicy, load_policy
 
 if TYPE_CHECKING:
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS", "ExportError", "ExportReport", "ExportedPolicy", "ExportedResidualPolicy", "ModelFileError",
-    "ObservationError",
+    "NonFiniteActionError", "ObservationError",
     "TensorRTUnavailableError", "export_policy", "load_policy",
 ]
 

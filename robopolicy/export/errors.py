@@ -17,3 +17,8 @@ class ModelFileError(RobopolicyError):
 
 class ObservationError(SpecMismatchError):
     """An observation given to an exported policy is missing, has a wrong shape or dtype, or is not finite."""
+
+
+class NonFiniteActionError(RobopolicyError):
+    """An exported policy's graph (or its checkpoint copy, on the torch backend) produced a NaN / inf action
+    from a finite observation; the action is never returned."""

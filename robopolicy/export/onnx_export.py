@@ -24,19 +24,26 @@ Steps: trace ``predict_chunk`` (TorchScript exporter by default: 5 s against 58 
 dynamo exporter on the default policy, the same graph after simplification, the same
 ~1e-6 parity), simplify with ONNX Runtime's portable basic passes, then either the CPU
 rewrites of :mod:`robopolicy.export.graph` (default) or nothing (``portable``, implied by
-``fp16`` -- then converted to float16 -- and ``tensorrt``). The folder is staged beside ``out`` and swapped in atomically;
-before that, the staged folder is opened with :func:`robopolicy.export.load_policy` (the
-path users take) and compared with torch on identical inputs and noise.
+``fp16`` -- then converted to float16 -- and ``tensorrt``). Each graph is written carrying
+the manifest fields that describe it (ONNX metadata, covered by its SHA-256), so that the
+load refuses an edited manifest. The folder is staged beside ``out`` and swapped in
+atomically; before that, the staged folder is opened with
+:func:`robopolicy.export.load_policy` (the path users take) and compared with torch on
+identical inputs and noise, within a tolerance relative to each action dimension's range.
+A checkpoint with a NaN / inf weight, or a non-finite output on either side, fails the export.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import platform
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,24 +57,29 @@ from robopolicy.data.atomic import remove_quietly, replace_dir, write_bytes_atom
 from robopolicy.export import graph as graph_ops
 from robopolicy.export import latency
 from robopolicy.export import tensorrt as trt
-from robopolicy.export.errors import ExportError
+from robopolicy.export.errors import ExportError, NonFiniteActionError
 from robopolicy.export.runtime import (
-    CHECKPOINT_DIR, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, NOISE, RESIDUAL, RESIDUAL_FILE, TENSORRT_DIR,
-    correction_inputs, correction_outputs, graph_inputs, graph_outputs, load_policy, sample_correction_feeds,
-    sample_observation, session_options, sha256_file, torch_correction_args,
+    BOUND_FIELDS_KEY, CHECKPOINT_DIR, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, NOISE, RESIDUAL, RESIDUAL_FILE,
+    TENSORRT_DIR, bound_fields, correction_inputs, correction_outputs, dimension_name, first_non_finite, graph_inputs,
+    graph_outputs, load_policy, sample_correction_feeds, sample_observation, session_options, sha256_file,
+    torch_correction_args,
 )
 from robopolicy.policies.base import Policy
 from robopolicy.rl.policy import ResidualPolicy, load_trained_policy
-from robopolicy.spec import ACTION, FeatureSpec
+from robopolicy.spec import ACTION, Feature, FeatureSpec
 from robopolicy.train.checkpoint import POLICY_META, POLICY_WEIGHTS, resolve_checkpoint
 
 #: Default opset per exporter (the dynamo exporter emits opset 18 natively).
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
-#: Largest ``|exported - torch|`` accepted at export, in raw action units, for fp32 on ONNX
-#: Runtime; fp16 and TensorRT (which may pick TF32 / fp16 kernels) get a looser tolerance,
-#: relative to the widest action range in the dataset statistics.
-PARITY_TOLERANCE = 1e-4
-PARITY_TOLERANCE_RELAXED = 2e-2
+#: Largest ``|exported - torch|`` accepted at export in each action dimension, as a fraction of
+#: that dimension's range (:func:`action_ranges`): the graphs compute in normalized units, so
+#: their rounding scales with the range (a diffusion policy on joint angles differs by ~1.5e-4
+#: in degrees, ~3e-6 in radians: both ~5e-7 of the range). fp32 on ONNX Runtime (5e-5: the
+#: former 1e-4 for the usual [-1, 1] action); fp16 and TensorRT (which may pick TF32 / fp16 kernels).
+PARITY_REL_TOLERANCE = 5e-5
+PARITY_REL_TOLERANCE_RELAXED = 2e-2
+#: The smallest action range a tolerance is relative to (a constant action dimension has none).
+MIN_ACTION_RANGE = 1e-6
 PARITY_SAMPLES = 3
 #: The per-step correction is cheap: check it on more samples.
 CORRECTION_PARITY_SAMPLES = 32
@@ -94,16 +106,17 @@ class ExportReport:
             + (f" + {self.out / RESIDUAL_FILE}" if residual else ""),
             f"graph: {model['op_count']} ops ({model['op_count_ort_optimized']} after ONNX Runtime's optimizer), "
             f"{model['bytes'] / 1e6:.1f} MB, opset {model['opset']}, {model['precision']}, graph form: {model['target']}",
-            f"parity vs torch: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}, {parity['samples']} samples)",
+            f"parity vs torch: max |diff| {parity['max_abs_diff']:.2e}, {parity['max_rel_diff']:.1e} of the action range "
+            f"(tolerance {parity['rel_tolerance']:.0e} of each dimension's range, {parity['samples']} samples)",
         ]
         if residual:
-            low, high = residual["action_low"], residual["action_high"]
+            low, high, correction = residual["action_low"], residual["action_high"], parity["correction"]
             box = f"[{low[0]:g}, {high[0]:g}]" if len(set(low)) == len(set(high)) == 1 else "per-dimension bounds"
             lines += [
                 f"correction graph: {residual['op_count']} ops, {residual['bytes'] / 1e3:.0f} kB, action scale "
                 f"{residual['action_scale']:g}, clipped to {box}",
-                f"correction parity vs torch: max |diff| {parity['correction']['max_abs_diff']:.2e} "
-                f"({parity['correction']['samples']} samples)",
+                f"correction parity vs torch: max |diff| {correction['max_abs_diff']:.2e}, "
+                f"{correction['max_rel_diff']:.1e} of the action range ({correction['samples']} samples)",
             ]
         lines += [
             f"{'backend':<22}{'p50 ms':>9}{'p99 ms':>9}",
@@ -180,6 +193,7 @@ def export_policy(
     opset = opset or DEFAULT_OPSET[exporter]
     ckpt = resolve_checkpoint(Path(checkpoint))
     policy = load_trained_policy(ckpt)
+    _check_finite_weights(policy, ckpt)
     residual = isinstance(policy, ResidualPolicy)
     out = Path(out)
     _check_replaceable(out)
@@ -193,22 +207,22 @@ def export_policy(
         target = "portable" if (portable or fp16 or tensorrt) else "cpu"
         names = [sig.name for sig in graph_inputs(policy.spec)]
         simplified = _export_graph(_ChunkGraph(policy), example, names, stage, opset, exporter)
-        model = _finish_graph(simplified, target, fp16)
-        write_bytes_atomic(stage / MODEL_FILE, model.SerializeToString())
+        graphs = {MODEL_FILE: _finish_graph(simplified, target, fp16)}
         if residual:
             step = sample_correction_feeds(policy.spec, rng)
             names = [sig.name for sig in correction_inputs(policy.spec)]
-            correction = _finish_graph(_export_graph(_CorrectionGraph(policy), step, names, stage, opset, exporter),
-                                       target, fp16)
-            write_bytes_atomic(stage / RESIDUAL_FILE, correction.SerializeToString())
+            graphs[RESIDUAL_FILE] = _finish_graph(
+                _export_graph(_CorrectionGraph(policy), step, names, stage, opset, exporter), target, fp16)
         (stage / CHECKPOINT_DIR).mkdir()
         for name in (POLICY_META, POLICY_WEIGHTS):
             shutil.copy2(ckpt / name, stage / CHECKPOINT_DIR / name)
-        manifest = _manifest(policy, ckpt, stage, model, exporter, fp16, target)
+        manifest = _manifest(policy, ckpt, stage, graphs[MODEL_FILE], exporter, fp16, target)
         if residual:
-            manifest[RESIDUAL] = _residual_manifest(policy, stage, correction)
+            manifest[RESIDUAL] = _residual_manifest(policy, graphs[RESIDUAL_FILE])
+        _write_graphs(stage, graphs, manifest)
         write_json_atomic(stage / MANIFEST_FILE, manifest)
-        manifest["parity"] = _parity(policy, stage, "onnxruntime", _tolerance(policy, relaxed=fp16), rng)
+        rel_tolerance = PARITY_REL_TOLERANCE_RELAXED if fp16 else PARITY_REL_TOLERANCE
+        manifest["parity"] = _parity(policy, stage, "onnxruntime", rel_tolerance, rng)
         manifest["performance"], manifest["model"]["op_count_ort_optimized"] = _performance(
             policy, stage, simplified, example, threads, latency_runs
         )
@@ -219,7 +233,7 @@ def export_policy(
             if residual:  # its own engine, in the same cache (ONNX Runtime keys engines by graph)
                 manifest["tensorrt"]["correction"] = trt.build_engine(stage / RESIDUAL_FILE, stage / TENSORRT_DIR, fp16, step)
             write_json_atomic(stage / MANIFEST_FILE, manifest)
-            manifest["tensorrt"]["parity"] = _parity(policy, stage, "tensorrt", _tolerance(policy, relaxed=True), rng)
+            manifest["tensorrt"]["parity"] = _parity(policy, stage, "tensorrt", PARITY_REL_TOLERANCE_RELAXED, rng)
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         replace_dir(stage, out)
     finally:
@@ -276,6 +290,7 @@ def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 def _manifest(
     policy: Policy, ckpt: Path, stage: Path, model: onnx.ModelProto, exporter: Exporter, fp16: bool, target: str,
 ) -> dict[str, Any]:
+    """The manifest as known before the graphs are written: what ``policy.onnx`` carries (:func:`_write_graphs`)."""
     import onnxruntime as ort
 
     spec: FeatureSpec = policy.spec
@@ -286,10 +301,8 @@ def _manifest(
         "format": MANIFEST_FORMAT,
         "robopolicy_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {
+        "model": {  # + "sha256" and "bytes" once written (_write_graphs)
             "file": MODEL_FILE,
-            "sha256": sha256_file(stage / MODEL_FILE),
-            "bytes": (stage / MODEL_FILE).stat().st_size,
             "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             "exporter": exporter,
             "precision": "fp16 (float32 inputs / output)" if fp16 else "fp32",
@@ -332,6 +345,11 @@ def _manifest(
             "dataset": meta.get("dataset"),
             "checkpoint_copy": CHECKPOINT_DIR,
         },
+        # The copy the torch backend runs, checked by it at load.
+        "checkpoint": {
+            name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for name, path in ((n, stage / CHECKPOINT_DIR / n) for n in (POLICY_META, POLICY_WEIGHTS))
+        },
         "versions": {
             "robopolicy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "python": platform.python_version(),
@@ -344,13 +362,12 @@ def _chunk_policy(policy: Policy) -> Policy:
     return policy.base if isinstance(policy, ResidualPolicy) else policy
 
 
-def _residual_manifest(policy: ResidualPolicy, stage: Path, model: onnx.ModelProto) -> dict[str, Any]:
-    """The manifest's ``"residual"`` section: the correction graph and what it computes."""
+def _residual_manifest(policy: ResidualPolicy, model: onnx.ModelProto) -> dict[str, Any]:
+    """The manifest's ``"residual"`` section: the correction graph and what it computes (+ ``"sha256"`` and
+    ``"bytes"`` once written)."""
     actor = policy.actor
     return {
         "file": RESIDUAL_FILE,
-        "sha256": sha256_file(stage / RESIDUAL_FILE),
-        "bytes": (stage / RESIDUAL_FILE).stat().st_size,
         "op_count": len(model.graph.node),
         "op_histogram": graph_ops.op_histogram(model),
         "inputs": [sig.to_dict() for sig in correction_inputs(policy.spec)],
@@ -368,45 +385,120 @@ def _residual_manifest(policy: ResidualPolicy, stage: Path, model: onnx.ModelPro
     }
 
 
-def _tolerance(policy: Policy, relaxed: bool) -> float:
-    if not relaxed:
-        return PARITY_TOLERANCE
-    stats = policy.spec.action.stats
-    span = max(hi - lo for lo, hi in zip(stats.min, stats.max)) if stats else 2.0
-    return PARITY_TOLERANCE_RELAXED * max(span, 1e-6)
+def _write_graphs(stage: Path, graphs: dict[str, onnx.ModelProto], manifest: dict[str, Any]) -> None:
+    """Write each graph carrying the manifest fields that describe it (ONNX metadata :data:`BOUND_FIELDS_KEY`,
+    so that its SHA-256 covers them: ``policy.onnx`` all but the ``residual`` section, ``residual.onnx``
+    that section), then record its size and SHA-256 in its manifest section."""
+    for file, model in graphs.items():
+        if file == MODEL_FILE:
+            section, sections = "model", {k: v for k, v in manifest.items() if k != RESIDUAL}
+        else:
+            section, sections = RESIDUAL, {RESIDUAL: manifest[RESIDUAL]}
+        props = [p for p in model.metadata_props if p.key != BOUND_FIELDS_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(props)
+        model.metadata_props.add(key=BOUND_FIELDS_KEY, value=json.dumps(bound_fields(sections)))
+        data = model.SerializeToString()
+        write_bytes_atomic(stage / file, data)
+        manifest[section].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
-def _parity(policy: Policy, stage: Path, backend: str, tolerance: float, rng: np.random.Generator) -> dict[str, Any]:
-    """Max ``|exported - torch|`` through ``load_policy``: chunks over a few random observations with
-    identical noise, and (residual policies) corrections over random features and planned actions."""
+def _check_finite_weights(policy: Policy, ckpt: Path) -> None:
+    """Refuse a checkpoint with a NaN / inf weight or buffer (a diverged run), naming the first such tensor."""
+    for name, tensor in policy.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        values = tensor.detach().float().cpu().numpy()
+        bad = first_non_finite(values)
+        if bad is not None:
+            raise ExportError(
+                f"{ckpt / POLICY_WEIGHTS}: tensor {name!r} {list(values.shape)} holds {values[bad]} at index {list(bad)}: "
+                "the checkpoint's weights are not finite (did training diverge?); the export was not written"
+            )
+
+
+def action_ranges(action: Feature) -> np.ndarray:
+    """Each action dimension's scale for the parity tolerance: its dataset range (max - min); where that
+    is zero, ``|mean| + std``; 1.0 without statistics; never below :data:`MIN_ACTION_RANGE`."""
+    if action.stats is None:
+        return np.ones(action.dim)
+    stats = action.stats
+    span = np.asarray(stats.max, np.float64) - np.asarray(stats.min, np.float64)
+    spread = np.abs(np.asarray(stats.mean, np.float64)) + np.asarray(stats.std, np.float64)
+    return np.maximum(np.where(span > 0, span, np.where(spread > 0, spread, 1.0)), MIN_ACTION_RANGE)
+
+
+def _parity(policy: Policy, stage: Path, backend: str, rel_tolerance: float, rng: np.random.Generator) -> dict[str, Any]:
+    """``|exported - torch|`` through ``load_policy``, per action dimension and relative to its range
+    (:func:`action_ranges`): chunks over a few random observations with identical noise, and (residual
+    policies) corrections over random features and planned actions."""
     exported = load_policy(stage, backend=backend)
-    worst = 0.0
+    ranges = action_ranges(policy.spec.action)
+    what = f"the action chunk ({MODEL_FILE})"
+    diffs = []
     for _ in range(PARITY_SAMPLES):
         obs = sample_observation(policy.spec, rng)
         noise = rng.standard_normal(policy.noise_shape(1), dtype=np.float32)
         with torch.inference_mode():
             expected = policy.predict_chunk({k: torch.from_numpy(v) for k, v in obs.items()}, torch.from_numpy(noise)).numpy()
-        worst = max(worst, float(np.abs(exported.predict_chunk(obs, noise) - expected).max()))
-    _check_parity(worst, tolerance, backend, f"the action chunk ({MODEL_FILE})")
-    report: dict[str, Any] = {"max_abs_diff": worst, "tolerance": tolerance, "samples": PARITY_SAMPLES, "backend": backend}
+        diffs.append(_sample_diff(expected, exported.predict_chunk, (obs, noise), what))
+    report = {**_parity_report(np.max(diffs, axis=0), ranges, rel_tolerance, policy.spec.action, backend, what),
+              "samples": PARITY_SAMPLES, "backend": backend}
     if isinstance(policy, ResidualPolicy):
-        worst = 0.0
+        def correct(obs: dict[str, np.ndarray], planned: np.ndarray) -> np.ndarray:
+            return exported.correct_action(obs, planned)[None]  # batch 1, as torch's
+
+        what = f"the per-step correction ({RESIDUAL_FILE})"
+        diffs = []
         for _ in range(CORRECTION_PARITY_SAMPLES):
             obs, base = torch_correction_args(sample_correction_feeds(policy.spec, rng))
-            expected = policy.correct_action(obs, base).numpy()[0]
-            got = exported.correct_action({k: v.numpy()[0] for k, v in obs.items()}, base.numpy()[0])
-            worst = max(worst, float(np.abs(got - expected).max()))
-        _check_parity(worst, tolerance, backend, f"the per-step correction ({RESIDUAL_FILE})")
-        report["correction"] = {"max_abs_diff": worst, "samples": CORRECTION_PARITY_SAMPLES}
+            expected = policy.correct_action(obs, base).numpy()
+            diffs.append(_sample_diff(expected, correct, ({k: v.numpy()[0] for k, v in obs.items()}, base.numpy()[0]), what))
+        report["correction"] = {**_parity_report(np.max(diffs, axis=0), ranges, rel_tolerance, policy.spec.action,
+                                                 backend, what), "samples": CORRECTION_PARITY_SAMPLES}
     return report
 
 
-def _check_parity(worst: float, tolerance: float, backend: str, what: str) -> None:
-    if not worst <= tolerance:
+def _sample_diff(expected: np.ndarray, run: Callable[..., np.ndarray], args: tuple[Any, ...], what: str) -> np.ndarray:
+    """Per action dimension, the largest ``|run(*args) - expected|`` (the torch output ``expected`` and the
+    exported one have the same shape); a non-finite output on either side fails the export."""
+    bad = first_non_finite(expected)
+    if bad is not None:
         raise ExportError(
-            f"parity check failed for {what}: {backend} and torch differ by up to {worst:.3g} in raw action units "
-            f"(tolerance {tolerance:.0e}); the export was not written"
+            f"parity check failed for {what}: the torch policy produced non-finite actions ({expected[bad]} at "
+            f"action[{', '.join(map(str, bad))}]) from an in-range observation although its weights are finite: they "
+            "overflow (did training diverge?); the export was not written"
         )
+    try:
+        got = run(*args)
+    except NonFiniteActionError as e:
+        raise ExportError(f"parity check failed for {what}: {e}; the export was not written") from e
+    return np.abs(got - expected).reshape(-1, expected.shape[-1]).max(axis=0)
+
+
+def _parity_report(
+    diff: np.ndarray, ranges: np.ndarray, rel_tolerance: float, action: Feature, backend: str, what: str,
+) -> dict[str, Any]:
+    """The parity section for the per-dimension worst ``diff``, or an :class:`ExportError` where a dimension
+    differs by more than ``rel_tolerance`` of its range."""
+    relative = diff / ranges
+    worst = int(np.argmax(relative))
+    name = dimension_name(action, worst)
+    if not relative[worst] <= rel_tolerance:
+        raise ExportError(
+            f"parity check failed for {what}: {backend} and torch differ by up to {diff[worst]:.3g} in action "
+            f"dimension {name!r}, {relative[worst]:.2g} of its range {ranges[worst]:.3g} (tolerance {rel_tolerance:.0e} "
+            "of the range); the export was not written"
+        )
+    tolerance = rel_tolerance * ranges
+    return {
+        "max_abs_diff": float(diff.max()),  # raw action units
+        "max_rel_diff": float(relative[worst]),  # of the dimension's range
+        "worst_dimension": name,
+        "rel_tolerance": rel_tolerance,
+        "tolerance_per_dim": tolerance.tolist(),  # raw action units
+        "tolerance": float(tolerance.max()),  # the loosest of them (max_abs_diff <= tolerance holds)
+    }
 
 
 def _correction_latency(

@@ -11,17 +11,23 @@ the per-step ``correct_action``, when the export has a residual), which satisfie
 * ``"torch"``: the checkpoint shipped in ``checkpoint/`` (same weights, eager torch), for
   debugging a parity problem or running where no ONNX Runtime exists.
 
-At load the manifest is checked against each graph (input / output names, shapes, dtypes),
-the feature spec, and the SHA-256 of each ``.onnx`` file (a truncated or edited file fails
-here, with a clear message, not inside ONNX Runtime). Every call checks each observation
-(missing, wrong shape, wrong dtype, NaN / inf) and names the feature, expected and actual:
-nothing is reshaped or cast silently.
+At load the whole folder is verified: the size and SHA-256 of each ``.onnx`` file (a
+truncated or edited file fails here, with a clear message, not inside ONNX Runtime), each
+graph's inputs / outputs against the manifest and the feature spec, and every manifest field
+the graph was exported with: each graph carries them in its metadata
+(:data:`BOUND_FIELDS_KEY`, covered by its SHA-256), so an edited ``fps`` or ``n_action_steps``
+is refused, naming the field and both values. The torch backend also checks the checkpoint
+copy's size and SHA-256. Every call checks each observation (missing, wrong shape, wrong
+dtype, NaN / inf) and names the feature, expected and actual: nothing is reshaped or cast
+silently; a non-finite action coming out of the graph is a :class:`NonFiniteActionError`,
+never returned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from robopolicy.errors import RobopolicyError, UnknownNameError
-from robopolicy.export.errors import ModelFileError, ObservationError
-from robopolicy.spec import ACTION, LANGUAGE, FeatureSpec, check_instruction
+from robopolicy.export.errors import ModelFileError, NonFiniteActionError, ObservationError
+from robopolicy.spec import ACTION, LANGUAGE, Feature, FeatureSpec, check_instruction
 
 MODEL_FILE = "policy.onnx"
 #: The per-step correction graph of a residual-RL policy (manifest section ``"residual"``).
@@ -40,7 +46,14 @@ RESIDUAL = "residual"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_DIR = "checkpoint"
 TENSORRT_DIR = "tensorrt"
-MANIFEST_FORMAT = "robopolicy.export/1"
+#: Format 2: each graph carries the manifest fields it was exported with (:data:`BOUND_FIELDS_KEY`).
+MANIFEST_FORMAT = "robopolicy.export/2"
+#: The ONNX metadata key under which each graph carries, as JSON, the manifest fields it was exported
+#: with (see :func:`bound_fields`); the graph's SHA-256 covers them, and the load compares them.
+BOUND_FIELDS_KEY = "robopolicy.manifest"
+#: Manifest sections that get more fields once their graph is written (its size and SHA-256, what was
+#: measured on it): a graph carries their fields one by one (``"model.opset"``), other sections whole.
+OPEN_SECTIONS = ("model", RESIDUAL)
 NOISE = "noise"
 BASE_ACTION = "base_action"
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -120,6 +133,21 @@ def sample_correction_feeds(spec: FeatureSpec, rng: np.random.Generator) -> dict
     return feeds
 
 
+def first_non_finite(array: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN / inf of ``array`` (C order), or ``None`` when all of it is finite."""
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), array.shape))
+
+
+def dimension_name(feature: Feature | None, index: int) -> str | int:
+    """The name of dimension ``index`` of a 1-D ``feature`` that names its dimensions, else ``index``."""
+    if feature is not None and feature.names and len(feature.shape) == 1:
+        return feature.names[index]
+    return index
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -186,7 +214,8 @@ class ExportedPolicy:
         ``"task"`` (the instruction, mapped to its cached embedding) unless ``observation.language`` is given.
 
         ``noise`` ``[1, Tp, Da]`` float32 is the sampler's start; drawn from this
-        predictor's seeded generator when not given (the same seed gives the same chunks).
+        predictor's seeded generator when not given (the same seed gives the same chunks). A
+        non-finite chunk is a :class:`~robopolicy.export.errors.NonFiniteActionError`, never returned.
         """
         obs = self._with_language(obs)
         feeds = self._observation_feeds(self.inputs[:-1], obs, self._legend)
@@ -194,7 +223,7 @@ class ExportedPolicy:
         if noise is None:
             noise = self._rng.standard_normal(noise_sig.shape, dtype=np.float32)
         feeds[noise_sig.name] = self._checked(noise_sig, noise, "input", self._legend(noise_sig))
-        return self._run(feeds)
+        return self._finite_action(self._run(feeds), MODEL_FILE)
 
     def _observation_feeds(
         self, sigs: list[TensorSig], obs: Mapping[str, Any], legend: Callable[[TensorSig], str],
@@ -216,15 +245,25 @@ class ExportedPolicy:
             )
         if array.dtype != np.dtype(sig.dtype):
             raise ObservationError(f"{what} {sig.name!r} has dtype {array.dtype}; the policy expects {sig.dtype}")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        bad = first_non_finite(array) if array.dtype.kind == "f" else None
+        if bad is not None:
             feature = self.spec.action if sig.name == BASE_ACTION else self.spec.features.get(sig.name)
-            named = feature is not None and feature.names and len(feature.shape) == 1
-            dim = feature.names[bad[-1]] if named else bad[-1]
-            raise ObservationError(
-                f"{what} {sig.name!r} contains NaN or inf (first at index {bad}, dimension {dim!r}: {array[bad]})"
-            )
+            raise ObservationError(f"{what} {sig.name!r} contains NaN or inf (first at index {bad}, "
+                                   f"dimension {dimension_name(feature, bad[-1])!r}: {array[bad]})")
         return np.ascontiguousarray(array)
+
+    def _finite_action(self, action: np.ndarray, graph: str) -> np.ndarray:
+        """``action`` as ``graph`` (or the checkpoint copy, on the torch backend) produced it, unless it
+        holds a NaN / inf: then a :class:`NonFiniteActionError` naming the file and the first bad index."""
+        bad = first_non_finite(action)
+        if bad is None:
+            return action
+        source = self.folder / (CHECKPOINT_DIR if self.backend == "torch" else graph)
+        raise NonFiniteActionError(
+            f"{source} ({self.backend}) produced a non-finite action ({action[bad]} at action[{', '.join(map(str, bad))}], "
+            f"dimension {dimension_name(self.spec.action, bad[-1])!r}) from a finite observation; it was not passed on "
+            "(an observation far outside the training range, or broken weights?)"
+        )
 
     def _legend(self, sig: TensorSig) -> str:
         if sig.name == NOISE:
@@ -254,13 +293,14 @@ class ExportedResidualPolicy(ExportedPolicy):
         keys are ignored) and the planned action ``[Da]`` float32 -> the action to execute ``[Da]``.
 
         The same semantics as :meth:`robopolicy.rl.policy.ResidualPolicy.correct_action`, and the
-        same checks as :meth:`predict_chunk` (missing, shape, dtype, NaN / inf, named).
+        same checks as :meth:`predict_chunk` (missing, shape, dtype, NaN / inf, named; a non-finite
+        result is a :class:`~robopolicy.export.errors.NonFiniteActionError`).
         """
         legend = "(one step: no batch or time axis)"
         feeds = self._observation_feeds(self.correction_inputs[:-1], obs, lambda _: legend)
         action_sig = self.correction_inputs[-1]
         feeds[action_sig.name] = self._checked(action_sig, action, "planned action", legend)
-        return self._correct({k: v[None] for k, v in feeds.items()})[0]
+        return self._finite_action(self._correct({k: v[None] for k, v in feeds.items()}), RESIDUAL_FILE)[0]
 
 
 def load_policy(path: Path, backend: str = "onnxruntime", seed: int = 0, threads: int = 1) -> ExportedPolicy:
@@ -289,7 +329,8 @@ def load_policy(path: Path, backend: str = "onnxruntime", seed: int = 0, threads
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of an export folder, with its inputs checked against its spec."""
+    """The parsed ``manifest.json`` of an export folder, with its inputs checked against its spec
+    (:func:`check_model_file` then checks it against the graphs)."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
         what = "does not exist" if not folder.exists() else f"has no {MANIFEST_FILE}"
@@ -300,8 +341,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} is corrupt ({type(e).__name__}: {e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ModelFileError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}")
-    missing = [k for k in ("model", "spec", "inputs", "outputs", "source") if k not in manifest]
+        raise ModelFileError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}; export again with this robopolicy")
+    missing = [k for k in ("model", "spec", "inputs", "outputs", "source", "checkpoint") if k not in manifest]
     missing += [f"model.{k}" for k in ("bytes", "sha256") if k not in manifest.get("model", {})]
     if RESIDUAL in manifest:
         missing += [f"{RESIDUAL}.{k}" for k in ("bytes", "sha256", "inputs", "outputs") if k not in manifest[RESIDUAL]]
@@ -333,33 +374,109 @@ def _declared_graphs(manifest: dict[str, Any]) -> dict[str, tuple[list[TensorSig
 
 
 def check_model_file(folder: Path, manifest: dict[str, Any]) -> None:
-    """Each ``.onnx`` file of the export exists, has the manifest's size and SHA-256, and its graph
-    has the manifest's inputs / outputs."""
+    """Each ``.onnx`` file of the export exists and has the manifest's size and SHA-256, its graph has
+    the manifest's inputs / outputs, and every manifest field it was exported with is unchanged."""
     import onnx
 
     entries = {MODEL_FILE: manifest["model"], RESIDUAL_FILE: manifest.get(RESIDUAL)}
     for file, (inputs, outputs) in _declared_graphs(manifest).items():
-        path, entry = folder / file, entries[file]
-        if not path.is_file():
-            raise ModelFileError(f"{path} is missing (the manifest describes it)")
-        size = path.stat().st_size
-        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ModelFileError(
-                f"{path} does not match its manifest ({size} bytes, manifest says {entry['bytes']}; SHA-256 differs): "
-                "the file is truncated, corrupt or was modified after export; export again"
-            )
+        path = folder / file
+        _check_file(path, entries[file])
         try:
-            graph = onnx.load(str(path), load_external_data=False).graph
+            model = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # protobuf raises several types for a damaged file
             raise ModelFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
-        initializers = {i.name for i in graph.initializer}
+        initializers = {i.name for i in model.graph.initializer}
         actual = (
-            [_sig_of(v) for v in graph.input if v.name not in initializers],
-            [_sig_of(v) for v in graph.output],
+            [_sig_of(v) for v in model.graph.input if v.name not in initializers],
+            [_sig_of(v) for v in model.graph.output],
         )
         for side, have, want in (("inputs", actual[0], inputs), ("outputs", actual[1], outputs)):
             if have != want:
                 raise ModelFileError(f"{path}: graph {side} are {_sigs(have)} but the manifest says {_sigs(want)}")
+        _check_bound_fields(path, {p.key: p.value for p in model.metadata_props}, folder / MANIFEST_FILE, manifest)
+
+
+def _check_file(path: Path, entry: Mapping[str, Any]) -> None:
+    """``path`` exists and has the size and SHA-256 its manifest ``entry`` records."""
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing (the manifest describes it)")
+    size = path.stat().st_size
+    if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        raise ModelFileError(
+            f"{path} does not match its manifest ({size} bytes, manifest says {entry['bytes']}; SHA-256 differs): "
+            "the file is truncated, corrupt or was modified after export; export again"
+        )
+
+
+# -- manifest fields bound to a graph ------------------------------------------------------------
+_ABSENT = object()
+
+
+def bound_fields(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest fields a graph carries (:data:`BOUND_FIELDS_KEY`), from the manifest ``sections`` it
+    describes as known when it is written: whole sections, and the :data:`OPEN_SECTIONS` field by field."""
+    fields: dict[str, Any] = {}
+    for key, value in sections.items():
+        if key in OPEN_SECTIONS:
+            fields.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            fields[key] = value
+    return fields
+
+
+def _check_bound_fields(path: Path, metadata: Mapping[str, str], manifest_path: Path, manifest: Mapping[str, Any]) -> None:
+    """Every manifest field the graph ``path`` carries in its ``metadata`` has the same value in ``manifest``."""
+    try:
+        fields = json.loads(metadata[BOUND_FIELDS_KEY])
+    except (KeyError, json.JSONDecodeError):
+        fields = None
+    if not isinstance(fields, dict):
+        raise ModelFileError(f"{path} carries no readable manifest fields (ONNX metadata {BOUND_FIELDS_KEY!r}): it was "
+                             "not written by this robopolicy's export; export again")
+    for key, exported in fields.items():
+        have = _manifest_field(manifest, key)
+        difference = None if have == exported else _first_difference(key, exported, have)
+        if difference is None:
+            continue
+        where, want, got = difference
+        said = f"has no {where}" if got is _ABSENT else f"says {where} = {_short(got)}"
+        made = "without it" if want is _ABSENT else f"with {_short(want)}"
+        raise ModelFileError(f"{manifest_path} {said} but {path.name} was exported {made}; the export folder was "
+                             "edited after export: export again")
+
+
+def _manifest_field(manifest: Mapping[str, Any], key: str) -> Any:
+    """The manifest's value of a :func:`bound_fields` key (``"spec"``, ``"model.opset"``), or ``_ABSENT``."""
+    section, _, name = key.partition(".")
+    if name and section in OPEN_SECTIONS:
+        value = manifest.get(section)
+        return value.get(name, _ABSENT) if isinstance(value, dict) else _ABSENT
+    return manifest.get(key, _ABSENT)
+
+
+def _first_difference(where: str, want: Any, have: Any) -> tuple[str, Any, Any] | None:
+    """``(path, want, have)`` of the first leaf where two JSON values differ (NaN equals NaN), else ``None``."""
+    if isinstance(want, dict) and isinstance(have, dict):
+        for key in [*want, *(k for k in have if k not in want)]:
+            sub = f"{where}.{key}" if str(key).isidentifier() else f"{where}[{json.dumps(key)}]"
+            found = _first_difference(sub, want.get(key, _ABSENT), have.get(key, _ABSENT))
+            if found:
+                return found
+        return None
+    if isinstance(want, list) and isinstance(have, list) and len(want) == len(have):
+        for i, (w, h) in enumerate(zip(want, have)):
+            found = _first_difference(f"{where}[{i}]", w, h)
+            if found:
+                return found
+        return None
+    both_nan = isinstance(want, float) and isinstance(have, float) and math.isnan(want) and math.isnan(have)
+    return None if both_nan or (want is not _ABSENT and have is not _ABSENT and want == have) else (where, want, have)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _sig_of(value) -> TensorSig:
@@ -407,20 +524,17 @@ def _onnxruntime_runner(path: Path, outputs: list[dict[str, Any]], providers: li
 
 
 def _torch_runners(folder: Path, manifest: dict[str, Any]):
-    """(chunk runner, correction runner or ``None``) on the checkpoint copy, in eager torch."""
+    """(chunk runner, correction runner or ``None``) on the checkpoint copy, in eager torch, after checking
+    the copy's files against the manifest (whose ``checkpoint`` section ``policy.onnx`` carries: the copy
+    is the policy that was exported, spec and timing included)."""
     import torch
 
     from robopolicy.rl.policy import load_trained_policy
 
     ckpt = folder / CHECKPOINT_DIR
+    for name, entry in manifest["checkpoint"].items():
+        _check_file(ckpt / name, entry)
     policy = load_trained_policy(ckpt)
-    FeatureSpec.from_dict(manifest["spec"]).check_compatible(
-        policy.spec, f"the manifest of {folder}", f"the checkpoint {ckpt}"
-    )
-    corrects = hasattr(policy, "correct_action")
-    if corrects != (RESIDUAL in manifest):
-        raise ModelFileError(f"{folder}: the manifest {'has' if RESIDUAL in manifest else 'has no'} residual "
-                             f"correction but the checkpoint {ckpt} holds a {policy.type!r} policy")
 
     @torch.inference_mode()
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -430,4 +544,4 @@ def _torch_runners(folder: Path, manifest: dict[str, Any]):
     def correct(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return policy.correct_action(*torch_correction_args(feeds)).numpy()
 
-    return run, correct if corrects else None
+    return run, correct if RESIDUAL in manifest else None
