@@ -17,7 +17,7 @@ from robopolicy.real.config import POLICY_PARAMS, PolicyNodeConfig
 from robopolicy.real.messages import (
     CommandCodec, JointMap, JointStateReader, MessageError, array_to_image, image_to_array,
 )
-from robopolicy.real.nodes import POLICY, SIM_BRIDGE, check_params_file
+from robopolicy.real.nodes import POLICY, SAFE_DOMAIN_IDS, SIM_BRIDGE, check_params_file, pick_domain_id
 from robopolicy.real.controller import PolicyController
 from robopolicy.real.observations import (
     FUTURE_OUTLIER, FUTURE_STAMP, NON_FINITE_OBSERVATION, OUT_OF_ORDER, STALE_STAMP, ObservationBuffer,
@@ -338,12 +338,13 @@ def test_joint_map_turns_robot_names_and_units_into_the_models() -> None:
 
 
 # ---- parameter files ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["push.yaml", "panda.yaml", "multitask.yaml"])
+@pytest.mark.parametrize("name", ["push.yaml", "panda.yaml", "multitask.yaml", "so100.yaml"])
 def test_shipped_parameter_files_are_valid(name: str) -> None:
     applied = check_params_file(CONFIG / name)
     assert applied[POLICY.name]["observation.state.topic"] == "/joint_states"
     assert applied[SIM_BRIDGE.name]["action.topic"] == applied[POLICY.name]["action.topic"]
     assert "control_rate_hz" not in applied[SIM_BRIDGE.name]
+    PolicyNodeConfig.from_params({**applied[POLICY.name], "model": "/a/model"})  # and valid together
 
 
 def test_parameter_file_errors_name_file_section_and_parameter(tmp_path: Path) -> None:
@@ -388,3 +389,15 @@ def test_commands_round_trip(kind: str) -> None:
     msg = codec.encode(np.array([0.25, -0.5]), messages.s_to_stamp(3.0))
     np.testing.assert_allclose(codec.decode(msg, "/cmd"), [0.25, -0.5])
     assert messages.stamp_to_s(messages.s_to_stamp(1234.000001)) == pytest.approx(1234.000001, abs=1e-9)
+
+
+def test_domain_id_on_a_robot_is_the_environments_or_ros_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ROS_DOMAIN_ID", raising=False)
+    assert pick_domain_id(robot=True) == 0  # where the robot's driver is
+    assert pick_domain_id(robot=False) in SAFE_DOMAIN_IDS  # a private sim
+    assert pick_domain_id(7, robot=True) == 7
+    monkeypatch.setenv("ROS_DOMAIN_ID", "42")
+    assert pick_domain_id(robot=True) == pick_domain_id(robot=False) == 42
+    monkeypatch.setenv("ROS_DOMAIN_ID", "robot")
+    with pytest.raises(RobopolicyError, match="ROS_DOMAIN_ID='robot' is not a domain id"):
+        pick_domain_id(robot=True)
