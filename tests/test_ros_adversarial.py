@@ -21,7 +21,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass

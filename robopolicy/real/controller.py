@@ -2,7 +2,7 @@
 
 :class:`PolicyController` ties the pieces together:
 
-* :meth:`observe` (executor thread) files a checked sample into the
+* :meth:`observe` (control thread) files a checked sample into the
   :class:`~robopolicy.real.observations.ObservationBuffer`; :meth:`wake` wakes the
   inference worker once a frame is complete;
 * the inference worker (a thread; the predictor releases the GIL in its kernels) predicts
@@ -11,11 +11,13 @@
   recent worst inference time (x1.5) plus one policy period, and hands the timestamped
   chunk to the :class:`~robopolicy.real.schedule.ActionSchedule` (a late chunk is covered by
   the current chunk's remaining actions);
-* :meth:`cycle` (control timer) asks the :class:`~robopolicy.real.safety.Watchdog`
+* :meth:`cycle` (control thread) asks the :class:`~robopolicy.real.safety.Watchdog`
   whether the policy may command, takes the scheduled (cross-faded) action, lets a
   predictor with ``correct_action`` (a residual-RL policy) correct it with the newest
   observation, and passes the result through the
-  :class:`~robopolicy.real.safety.SafetyFilter`: the safety layer sees the final command.
+  :class:`~robopolicy.real.safety.SafetyFilter` with the measured value of each position
+  command (``measured_index`` into ``observation.state``): the safety layer sees the final
+  command.
   A correction that fails or is not finite becomes a NaN proposal, which the safety layer
   rejects (hold, counted as ``non_finite_action``).
 
@@ -104,7 +106,7 @@ class PolicyController:
         """The predictor corrects every executed action (a residual-RL policy)."""
         return self._correct is not None
 
-    # ---- executor thread ---------------------------------------------------------------
+    # ---- control thread ----------------------------------------------------------------
     def observe(self, key: str, stamp: float, value: np.ndarray, arrival: float) -> Rejection | None:
         """File one observation sample; returns what was rejected (see ``ObservationBuffer.add``)."""
         return self.buffer.add(key, stamp, value, self._clock(), arrival)
