@@ -64,6 +64,11 @@ class Stats:
 
         return cls(min=flat("min"), max=flat("max"), mean=flat("mean"), std=flat("std"))
 
+    @classmethod
+    def unit(cls, dim: int) -> "Stats":
+        """[-1, 1], mean 0, std 1 in every dimension: for a model whose weights do not matter (benchmarks, tests)."""
+        return cls([-1.0] * dim, [1.0] * dim, [0.0] * dim, [1.0] * dim)
+
 
 @dataclass
 class Feature:

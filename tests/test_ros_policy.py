@@ -38,7 +38,7 @@ from robopolicy.real.messages import CommandCodec, JointMap, s_to_stamp
 from robopolicy.real.policy_node import PolicyNode
 from robopolicy.real.rosutil import spin, stream_qos
 from robopolicy.sim import make_env
-from robopolicy.spec import ENV_STATE, STATE, Stats, spec_from_observation_space
+from robopolicy.spec import ENV_STATE, STATE, Stats
 from robopolicy.train.checkpoint import save_policy
 
 pytestmark = pytest.mark.ros
@@ -54,12 +54,10 @@ _domains = itertools.count()
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained tiny diffusion policy with the push env's feature spec, saved as a checkpoint."""
     env = make_env("push")
-    spec = spec_from_observation_space(env.observation_space, env.action_space.shape[0], env.fps, env.task_description)
-    for key, feature in spec.features.items():
-        d = feature.dim
-        feature.names = list(env.feature_names[key])
-        feature.stats = Stats([-1.0] * d, [1.0] * d, [0.0] * d, [1.0] * d)
+    spec = env.feature_spec()
     env.close()
+    for feature in spec.features.values():
+        feature.stats = Stats.unit(feature.dim)
     torch.manual_seed(0)
     policy = make_policy("diffusion", spec, TINY)
     folder = tmp_path_factory.mktemp("tiny_push")

@@ -25,7 +25,7 @@ from robopolicy.policies.vla import language
 from robopolicy.policies.vla.config import VLAConfig
 from robopolicy.policies.vla.objects import candidate_objects
 from robopolicy.sim import make_env
-from robopolicy.spec import ENV_STATE, LANGUAGE, STATE, Stats, spec_from_observation_space
+from robopolicy.spec import ENV_STATE, LANGUAGE, STATE, Stats
 from robopolicy.train.checkpoint import load_policy, save_policy
 from robopolicy.train.trainer import TrainConfig, train
 
@@ -222,11 +222,10 @@ TASKS = ["push the red block to the goal", "push the green block to the goal"]
 def two_task_push_vla(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained tiny VLA with the push env's features and two instructions (the node is under test)."""
     env = make_env("push")
-    spec = spec_from_observation_space(env.observation_space, env.action_space.shape[0], env.fps)
-    for key, feature in spec.features.items():
-        feature.names = list(env.feature_names[key])
-        feature.stats = Stats([-1.0] * feature.dim, [1.0] * feature.dim, [0.0] * feature.dim, [1.0] * feature.dim)
+    spec = env.feature_spec()
     env.close()
+    for feature in spec.features.values():
+        feature.stats = Stats.unit(feature.dim)
     spec.tasks = list(TASKS)
     torch.manual_seed(0)
     policy = make_policy("vla", spec, {**TINY, "n_obs_steps": 2})

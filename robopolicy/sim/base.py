@@ -28,7 +28,7 @@ import mujoco
 import numpy as np
 
 from robopolicy.errors import RobopolicyError
-from robopolicy.spec import IMAGE_PREFIX
+from robopolicy.spec import IMAGE_PREFIX, FeatureSpec, spec_from_observation_space
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,11 @@ class RobopolicyEnv(gym.Env):
                 video.close()
             video = self._video_cameras = Cameras(self.model, self.data, (camera,), size, owner=self.name)
         return video.render()[camera].copy()
+
+    def feature_spec(self) -> FeatureSpec:
+        """This env's features (shapes, per-dimension names), fps and task, without statistics."""
+        return spec_from_observation_space(self.observation_space, self.action_space.shape[0], self.fps,
+                                           self.task_description, names=self.feature_names)
 
     def close(self) -> None:
         if self._video_cameras is not None:
