@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from robopolicy.errors import RobopolicyError
+from robopolicy.seeds import EVAL_SEED
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -189,7 +190,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="onnxruntime", help="for --model: onnxruntime, tensorrt, torch")
     p.add_argument("--env", help="task name (default: the env the training data came from)")
     p.add_argument("--episodes", type=_positive_int, default=50)
-    p.add_argument("--seed", type=int, default=100_000, help="first episode seed (eval seeds differ from collect's)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="first episode seed (eval seeds differ from collect's)")
     p.add_argument("--randomize", action="store_true", help="apply the env's domain randomization")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling instead of chunk-by-chunk")
     p.add_argument("--instruction", help="force one instruction (language-conditioned envs)")

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_ENV = "lift"
-#: First seed of every evaluation (collect uses 0..): the same episodes for BC, RL and the export.
-EVAL_SEED = 100_000
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robopolicy.demo.config import EVAL_SEED, DemoConfig
+from robopolicy.demo.config import DemoConfig
 from robopolicy.errors import RobopolicyError
 from robopolicy.export.latency import torch_threads
+from robopolicy.seeds import EVAL_SEED
 
 StageFn = Callable[[DemoConfig, Path], dict[str, Any]]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from robopolicy.errors import RobopolicyError
+from robopolicy.seeds import EVAL_SEED
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ class OffPolicyArgs:
     # evaluation and logging
     eval_every: int = 10_000  # env steps between evaluations (0: only at start and end)
     eval_episodes: int = 20
-    eval_seed: int = 100_000
+    eval_seed: int = EVAL_SEED
     save_every: int = 10_000
     log_every: int = 1_000
     log_window: int = 50  # training episodes in the running success rate

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from robopolicy.data.atomic import write_json_atomic
 from robopolicy.errors import RobopolicyError
+from robopolicy.seeds import EVAL_SEED
 from robopolicy.sim import Randomization, make_env
 from robopolicy.spec import FeatureSpec
 
@@ -74,7 +75,7 @@ class TorchChunkPredictor:
 class EvalConfig:
     env: str
     episodes: int = 50
-    seed: int = 100_000
+    seed: int = EVAL_SEED
     randomize: bool = False
     ensemble: bool = False
     ensemble_decay: float = 0.1

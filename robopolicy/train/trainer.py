@@ -27,6 +27,7 @@ from tqdm import tqdm
 from robopolicy.data.atomic import write_json_atomic
 from robopolicy.data.reader import dataset_spec, load_arrays, open_dataset, read_robopolicy_meta
 from robopolicy.errors import CheckpointError, RobopolicyError
+from robopolicy.seeds import EVAL_SEED
 from robopolicy.train.checkpoint import (
     POLICY_WEIGHTS,
     dataset_fingerprint,
@@ -270,7 +271,7 @@ class Trainer:
         if env is None:
             raise RobopolicyError("--eval-every needs --eval-env: the dataset does not record its env")
         policy = (self.ema or self.policy).eval()
-        result = evaluate_policy(policy, EvalConfig(env=env, episodes=self.cfg.eval_episodes, seed=10_000, progress=False))
+        result = evaluate_policy(policy, EvalConfig(env=env, episodes=self.cfg.eval_episodes, seed=EVAL_SEED, progress=False))
         self.policy.train()
         self.history["success"].append([self.step, result.success_rate])
         writer.add_scalar("eval/success_rate", result.success_rate, self.step)
