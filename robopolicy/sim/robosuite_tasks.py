@@ -1,14 +1,18 @@
-"""robosuite tasks (Lift, Stack, PickPlaceCan) behind the :class:`RobopolicyEnv` API.
+"""robosuite tasks (Lift, Stack, PickPlaceCan, and any other) behind the :class:`RobopolicyEnv` API.
 
 One wrapper, :class:`RobosuiteEnv`, serves every task; a :class:`RobosuiteTask` holds what
-differs between them. The arm is a Panda under robosuite's operational-space controller
+differs between them. Besides the three built-in tasks (which have a scripted expert),
+``robosuite:<Env>`` names any single-arm robosuite environment (``robosuite:Door``), wrapped
+the same way without an expert (:func:`generic_entry`). The arm is a Panda under robosuite's operational-space controller
 (composite ``BASIC``, arm ``OSC_POSE``, delta actions in the base frame) at 20 Hz:
 
 * ``action`` (7): end-effector translation (3, x 0.05 m) and axis-angle rotation
   (3, x 0.5 rad) per step, then the gripper (-1 open, +1 closed);
 * ``observation.state``: joint positions, end-effector position and quaternion (xyzw),
   finger positions;
-* ``observation.environment_state``: robosuite's object observables for the task;
+* ``observation.environment_state``: robosuite's object observables for the task, each
+  flattened (a 0-d observable such as Door's ``hinge_qpos`` is one element, named by its key;
+  others are named ``<key>.x`` / ``<key>.qx`` / ``<key>.<i>``), in robosuite's order;
 * ``observation.images.<cam>``: optional, rendered headless by :class:`Cameras`.
 
 robosuite samples object placement with NumPy's global RNG; every robosuite reset here runs
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import random
@@ -51,7 +56,8 @@ CAMERAS = ("agentview", "robot0_eye_in_hand")
 class RobosuiteTask:
     """What differs between robosuite tasks; the env and the expert read it.
 
-    ``grasp_object`` and ``place_target`` take the robosuite env. ``place_target`` is the
+    ``grasp_object`` and ``place_target`` take the robosuite env (``grasp_object`` is
+    ``None`` for a task without a scripted expert). ``place_target`` is the
     world position at which the grasped object's body origin is released (``None``: a
     lift-only task). ``max_pose_scale`` caps ``Randomization.object_pose`` where the
     nominal placement range already fills the workspace (the can's bin).
@@ -61,7 +67,7 @@ class RobosuiteTask:
     suite_env: str
     description: str
     max_episode_steps: int
-    grasp_object: Callable[[Any], Any]
+    grasp_object: Callable[[Any], Any] | None = None
     place_target: Callable[[Any], np.ndarray] | None = None
     grasp_height: float = 0.0
     yaw_symmetry: float | None = math.pi / 2
@@ -118,8 +124,11 @@ def _global_seed(seed: int) -> Iterator[None]:
         random.setstate(py_state)
 
 
-def _dim_names(key: str, size: int) -> list[str]:
+def _dim_names(key: str, shape: tuple[int, ...]) -> list[str]:
     key = key.removeprefix("robot0_").lower()
+    if len(shape) == 0:  # a scalar observable (a hinge angle): one element, named by its key
+        return [key]
+    size = math.prod(shape)
     if size == 4 and key.endswith("quat"):
         axes: Any = ("qx", "qy", "qz", "qw")
     elif size == 3:
@@ -130,7 +139,13 @@ def _dim_names(key: str, size: int) -> list[str]:
 
 
 def _placement_samplers(initializer: Any) -> list[Any]:
-    return list(initializer.samplers.values()) if hasattr(initializer, "samplers") else [initializer]
+    samplers = list(initializer.samplers.values()) if hasattr(initializer, "samplers") else [initializer]
+    # Only samplers with a placement range can be scaled (some environments have none).
+    return [s for s in samplers if hasattr(s, "x_range") and hasattr(s, "y_range")]
+
+
+def _flat(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64).reshape(-1)
 
 
 class RobosuiteEnv(RobopolicyEnv):
@@ -171,23 +186,35 @@ class RobosuiteEnv(RobopolicyEnv):
         except RobopolicyError:
             self.rs.close()
             raise
-        self._samplers = _placement_samplers(self.rs.placement_initializer)
+        self._samplers = _placement_samplers(getattr(self.rs, "placement_initializer", None))
         self._nominal_ranges = [(tuple(s.x_range), tuple(s.y_range)) for s in self._samplers]
         self._object_keys = [k for k, o in self.rs._observables.items()
                              if o.modality == "object" and o.is_enabled() and o.is_active()]
         self._eef_site = self.rs.robots[0].eef_site_id["right"]
-        self._object = task.grasp_object(self.rs)
-        self._object_body = self.model.body(self._object.root_body).id
-        self._fingers = [self.model.body(f"gripper0_right_{f}").id for f in ("leftfinger", "rightfinger")]
+        self._object = task.grasp_object(self.rs) if task.grasp_object is not None else None
+        self._object_body = self.model.body(self._object.root_body).id if self._object is not None else -1
+        # The fingers matter to the scripted expert only (Wipe's wiping gripper has none).
+        self._fingers = ([self.model.body(f"gripper0_right_{f}").id for f in ("leftfinger", "rightfinger")]
+                         if self._object is not None else [])
+        # Proprioception robosuite provides here (a gripper without fingers has no gripper_qpos).
+        self._proprio_keys = [k for k in PROPRIO_KEYS if k in self._rs_obs]
+        # A gripper without an actuator (Wipe's) takes no gripper action.
+        action_names = ACTION_NAMES[: int(self.rs.action_dim)]
+        if len(action_names) != int(self.rs.action_dim):
+            self.close()
+            raise RobopolicyError(f"{self.name}: robosuite expects {self.rs.action_dim} action dimensions; "
+                                  f"the wrapper drives one arm ({len(ACTION_NAMES)})")
 
-        state_names = [n for k in PROPRIO_KEYS for n in _dim_names(k, self._rs_obs[k].size)]
-        env_names = [n for k in self._object_keys for n in _dim_names(k, self._rs_obs[k].size)]
-        self.feature_names = {STATE: state_names, ENV_STATE: env_names, ACTION: list(ACTION_NAMES)}
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (len(ACTION_NAMES),), np.float32)
+        state_names = [n for k in self._proprio_keys for n in _dim_names(k, np.shape(self._rs_obs[k]))]
+        env_names = [n for k in self._object_keys for n in _dim_names(k, np.shape(self._rs_obs[k]))]
+        self.feature_names = {STATE: state_names, ACTION: list(action_names)}
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (len(action_names),), np.float32)
         spaces: dict[str, gym.spaces.Space] = {
             STATE: gym.spaces.Box(-np.inf, np.inf, (len(state_names),), np.float32),
-            ENV_STATE: gym.spaces.Box(-np.inf, np.inf, (len(env_names),), np.float32),
         }
+        if env_names:  # an environment without object observables has no environment state
+            self.feature_names[ENV_STATE] = env_names
+            spaces[ENV_STATE] = gym.spaces.Box(-np.inf, np.inf, (len(env_names),), np.float32)
         for cam in self.cameras:
             spaces[IMAGE_PREFIX + cam] = gym.spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
@@ -219,10 +246,9 @@ class RobosuiteEnv(RobopolicyEnv):
         self._rs_obs, self._rs_reward, _, _ = self.rs.step(action.astype(np.float64))
 
     def _observe(self) -> dict[str, np.ndarray]:
-        obs = {
-            STATE: np.concatenate([self._rs_obs[k] for k in PROPRIO_KEYS]).astype(np.float32),
-            ENV_STATE: np.concatenate([self._rs_obs[k] for k in self._object_keys]).astype(np.float32),
-        }
+        obs = {STATE: np.concatenate([_flat(self._rs_obs[k]) for k in self._proprio_keys]).astype(np.float32)}
+        if self._object_keys:
+            obs[ENV_STATE] = np.concatenate([_flat(self._rs_obs[k]) for k in self._object_keys]).astype(np.float32)
         for cam, frame in self._cameras.render().items():
             obs[IMAGE_PREFIX + cam] = frame
         return obs
@@ -253,8 +279,14 @@ class RobosuiteEnv(RobopolicyEnv):
         d = self._data.xpos[self._fingers[1]] - self._data.xpos[self._fingers[0]]
         return d / max(np.linalg.norm(d), 1e-9)
 
+    def _grasp_object(self) -> Any:
+        if self._object is None:
+            raise RobopolicyError(f"{self.name}: the task names no object to grasp (it has no scripted expert)")
+        return self._object
+
     def object_pose(self) -> tuple[np.ndarray, np.ndarray]:
         """World position and rotation matrix of the object to grasp."""
+        self._grasp_object()
         b = self._object_body
         return self._data.xpos[b].copy(), self._data.xmat[b].reshape(3, 3).copy()
 
@@ -264,7 +296,7 @@ class RobosuiteEnv(RobopolicyEnv):
 
     def is_grasping(self) -> bool:
         """Both finger pads touch the object."""
-        return bool(self.rs._check_grasp(self.rs.robots[0].gripper, self._object))
+        return bool(self.rs._check_grasp(self.rs.robots[0].gripper, self._grasp_object()))
 
     @staticmethod
     def _scaled(bounds: tuple[float, float], scale: float) -> tuple[float, float]:
@@ -280,3 +312,44 @@ for _task in TASKS.values():
         description=f"robosuite {_task.suite_env} (Panda, OSC_POSE): {_task.description}",
         cameras=CAMERAS,
     ))
+
+
+#: Default episode length of a generic robosuite environment whose constructor has no ``horizon`` default.
+GENERIC_MAX_EPISODE_STEPS = 500
+
+
+@functools.cache
+def generic_entry(suite_env: str) -> EnvEntry:
+    """The entry for ``robosuite:<suite_env>``: any single-arm robosuite environment, with a
+    Panda under the same controller, its proprioception as ``observation.state`` and its
+    object observables (any shape) as ``observation.environment_state``; no scripted expert."""
+    from robopolicy.errors import UnknownNameError
+
+    name = f"robosuite:{suite_env}"
+    _robosuite()
+    from robosuite.environments.base import REGISTERED_ENVS
+
+    single_arm = sorted(k for k, cls in REGISTERED_ENVS.items() if _is_single_arm(cls))
+    if suite_env not in REGISTERED_ENVS:
+        raise UnknownNameError("robosuite environment", suite_env, single_arm)
+    cls = REGISTERED_ENVS[suite_env]
+    if suite_env not in single_arm:
+        raise RobopolicyError(f"{name} is not a single-arm manipulation environment (the wrapper drives one Panda "
+                              f"arm); single-arm ones: {', '.join(single_arm)}")
+    horizon = inspect.signature(cls.__init__).parameters.get("horizon")
+    steps = horizon.default if horizon is not None and isinstance(horizon.default, int) else GENERIC_MAX_EPISODE_STEPS
+    doc = (inspect.getdoc(cls) or "").split("\n")[0].strip().rstrip(".").removeprefix("This class corresponds to the ")
+    task = RobosuiteTask(name, suite_env, f"robosuite {suite_env}", steps)
+    return EnvEntry(
+        name=name,
+        make=functools.partial(RobosuiteEnv, task),
+        make_expert=None,
+        description=f"robosuite {suite_env} (Panda, OSC_POSE){': ' + doc if doc else ''}",
+        cameras=CAMERAS,
+        source="robosuite",
+    )
+
+
+def _is_single_arm(cls: type) -> bool:
+    names = {c.__name__ for c in cls.__mro__}
+    return "ManipulationEnv" in names and "TwoArmEnv" not in names
