@@ -54,7 +54,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def add_collect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="record scripted-expert demonstrations as a LeRobotDataset")
-    p.add_argument("--env", required=True, help="task name (see `robopolicy envs`)")
+    p.add_argument("--env", required=True, help="task name (see `robopolicy envs`): built in, from a plugin, "
+                                                "robosuite:<Env> or module:Class; it needs a scripted expert")
     p.add_argument("--episodes", type=_positive_int, default=50, help="episodes to keep")
     p.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
     p.add_argument("--cameras", type=_csv, default=(), help="comma-separated camera names (default: state only)")
@@ -86,9 +87,22 @@ def cmd_dataset_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_import_bag(args: argparse.Namespace) -> int:
+    from robopolicy.data.bag_import import BagImportConfig, import_bags, parse_image_size
+
+    r = import_bags(BagImportConfig(
+        bags=[Path(b) for b in args.bags], params=Path(args.params), out=Path(args.out), fps=args.fps,
+        task=args.task, image_size=parse_image_size(args.image_size) if args.image_size else None,
+        use_videos=not args.images, overwrite=args.overwrite,
+    ))
+    print(f"imported {len(r.bags)} bag(s) as {len(r.bags)} episode(s), {r.frames} frames in {r.seconds:.1f} s; "
+          f"{Path(args.out)} now holds {r.total_episodes} episodes, {r.total_frames} frames")
+    return 0
+
+
 def add_dataset(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dataset", help="inspect a LeRobotDataset")
-    dsub = p.add_subparsers(dest="dataset_cmd", required=True, metavar="{info,plot}")
+    p = sub.add_parser("dataset", help="inspect a LeRobotDataset, or import rosbag2 recordings into one")
+    dsub = p.add_subparsers(dest="dataset_cmd", required=True, metavar="{info,plot,import-bag}")
     info = dsub.add_parser("info", help="episodes, frames, fps, features, tasks, ranges")
     info.add_argument("path")
     info.set_defaults(func=cmd_dataset_info)
@@ -97,6 +111,20 @@ def add_dataset(sub: argparse._SubParsersAction) -> None:
     plot.add_argument("--episode", type=int, default=0)
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.set_defaults(func=cmd_dataset_plot)
+    bag = dsub.add_parser("import-bag", help="rosbag2 recordings (sqlite3 / MCAP) -> LeRobotDataset, one episode per bag")
+    bag.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folder (or .mcap file)")
+    bag.add_argument("--params", required=True,
+                     help="the robot's policy-node parameter file (real/config/*.yaml): topics and joint maps")
+    bag.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
+    bag.add_argument("--fps", type=_positive_int, default=10, help="dataset frame rate (default: %(default)s)")
+    bag.add_argument("--task", default=None, help="task string (default: the parameter file's task, else "
+                                                   "'demonstration')")
+    bag.add_argument("--image-size", default=None, metavar="N|HxW",
+                     help="resize camera images to this size (default: each camera's own size)")
+    bag.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
+    bag.add_argument("--overwrite", action="store_true",
+                     help="replace an existing dataset at --out (once every bag imported)")
+    bag.set_defaults(func=cmd_dataset_import_bag)
 
 
 # ---- train -----------------------------------------------------------------------------
@@ -250,17 +278,26 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
 
 # ---- envs ------------------------------------------------------------------------------
 def cmd_envs(args: argparse.Namespace) -> int:
-    from robopolicy.sim.registry import env_entry, env_names
+    from robopolicy.sim.registry import env_entry, env_names, plugin_errors
 
-    for name in env_names():
+    names = env_names()
+    width = max([len("robosuite:<Env>") + 1, *(len(n) + 1 for n in names)])
+    for name in names:
         e = env_entry(name)
         cams = ", ".join(e.cameras) or "-"
-        print(f"{name:<10} {e.description}  [cameras: {cams}]")
+        expert = "expert" if e.make_expert is not None else "no expert"
+        source = "" if e.source == "builtin" else f"  [{e.source}]"
+        print(f"{name:<{width}} {expert:<9}  {e.description}  [cameras: {cams}]{source}")
+    print(f"{'robosuite:<Env>':<{width}} {'no expert':<9}  any single-arm robosuite environment, e.g. robosuite:Door")
+    print(f"{'module:Class':<{width}} {'no expert':<9}  a RobopolicyEnv subclass (or a function building one) "
+          f"importable from here")
+    for line in plugin_errors():
+        print(f"robopolicy envs: warning: {line}", file=sys.stderr)
     return 0
 
 
 def add_envs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("envs", help="list the simulated tasks")
+    p = sub.add_parser("envs", help="list the simulated tasks (built in and from robopolicy.envs plugins)")
     p.set_defaults(func=cmd_envs)
 
 

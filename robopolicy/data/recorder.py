@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,9 @@ class DatasetRecorder:
         meta = json.loads(info.read_text())
         return int(meta["total_episodes"]), int(meta["total_frames"])
 
-    def commit_episodes(self, episodes: Sequence[tuple[list[dict[str, np.ndarray]], list[str]]]) -> None:
-        """Write finished episodes (``(frames, task per frame)`` each) in one commit; on return they
+    def commit_episodes(self, episodes: Sequence[tuple[Iterable[dict[str, np.ndarray]], list[str]]]) -> None:
+        """Write finished episodes (``(frames, task per frame)`` each; frames may be an iterator that
+        streams them, as ``dataset import-bag`` does) in one commit; on return they
         are durable and loadable. A commit's cost grows with the dataset (lerobot's resume reads
         every metadata file, and each commit adds one data file), so callers batch episodes."""
         remove_quietly(self.stage)
@@ -125,7 +126,7 @@ class DatasetRecorder:
         finally:  # interrupted or not, nothing staged outlives the commit
             remove_quietly(self.stage)
 
-    def _write_staged(self, episodes: Sequence[tuple[list[dict[str, np.ndarray]], list[str]]]) -> None:
+    def _write_staged(self, episodes: Sequence[tuple[Iterable[dict[str, np.ndarray]], list[str]]]) -> None:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset as dataset_cls
 
         if self.root.exists():

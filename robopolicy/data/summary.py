@@ -25,7 +25,8 @@ def dataset_info(path: Path) -> str:
     lines = [
         f"dataset   {Path(path).resolve()}",
         f"format    LeRobotDataset {ds.meta.info.get('codebase_version', '?')}"
-        + (f"  (recorded from env {meta['env']!r}, {meta.get('source', '')})" if meta else ""),
+        + (f"  (recorded from env {meta['env']!r}, {meta.get('source', '')})" if meta.get("env")
+           else f"  ({meta['source']})" if meta.get("source") else ""),
         f"episodes  {ds.meta.total_episodes}",
         f"frames    {ds.meta.total_frames}  ({ds.meta.total_frames / ds.meta.fps:.1f} s at {ds.meta.fps} fps)",
         "tasks     " + "; ".join(repr(t) for t in spec.tasks),
