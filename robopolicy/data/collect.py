@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from robopolicy import progress
 from robopolicy.data.recorder import DatasetRecorder, lerobot_features
 from robopolicy.errors import RobopolicyError
 from robopolicy.sim import Randomization, make_env, make_expert
@@ -74,7 +74,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("interrupt: stopping after this episode (Ctrl-C again to abort)", file=sys.stderr)
+        progress.write("interrupt: stopping after this episode (Ctrl-C again to abort)", file=sys.stderr)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
@@ -136,7 +136,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
             pending.clear()
 
     start = last_commit = time.perf_counter()
-    bar = tqdm(total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
+    bar = progress.progress(total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep")
     stop = StopRequest()
     try:
         with stop.installed():

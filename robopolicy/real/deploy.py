@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from robopolicy.data.atomic import write_json_atomic
 from robopolicy.errors import RobopolicyError
+from robopolicy.progress import progress as progress_bar
 from robopolicy.real.nodes import POLICY, SIM_BRIDGE, check_params_file, pick_domain_id, ros_environment
 from robopolicy.real.telemetry import CYCLE_FIELDS, INFERENCE_FIELDS, TimingSummary, summarize
 
@@ -190,8 +190,8 @@ def _run(
 def _wait_until_done(client: Any, processes: "_Processes", sim: str | None, first: int, episodes: int,
                      duration_s: float | None, progress: bool) -> None:
     end = time.monotonic() + duration_s if duration_s else float("inf")
-    bar = tqdm(total=episodes if sim else None, desc=f"deploy {sim or 'robot'}", unit="ep" if sim else "s",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=episodes if sim else None, desc=f"deploy {sim or 'robot'}", unit="ep" if sim else "s",
+                       disable=not progress)
 
     def done(c: Any) -> list[dict[str, Any]]:
         return [e for e in c.episodes if e["episode"] >= first]
@@ -201,7 +201,7 @@ def _wait_until_done(client: Any, processes: "_Processes", sim: str | None, firs
             processes.check()
             if sim:
                 finished = done(client)
-                bar.n = len(finished)
+                bar.update_to(len(finished))
                 bar.set_postfix(success=f"{sum(e['success'] for e in finished)}/{len(finished)}")
                 if len(finished) >= episodes:
                     break

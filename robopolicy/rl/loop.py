@@ -32,8 +32,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
+from robopolicy import progress
 from robopolicy.data.atomic import write_json_atomic
 from robopolicy.errors import CheckpointError
 from robopolicy.rl.config import OffPolicyArgs
@@ -150,8 +150,8 @@ def _train(s: Setup) -> dict[str, Any]:
     next_eval = _next_multiple(state.env_steps, args.eval_every)
     next_save = _next_multiple(state.env_steps, args.save_every)
     next_log = _next_multiple(state.env_steps, args.log_every)
-    bar = tqdm(total=args.steps, initial=state.env_steps, unit="step", dynamic_ncols=True,
-               disable=not args.progress, desc=f"{s.label} {s.env_name}")
+    bar = progress.progress(total=args.steps, initial=state.env_steps, unit="step",
+                            disable=not args.progress, desc=f"{s.label} {s.env_name}")
     overlap = isinstance(s.envs, gym.vector.AsyncVectorEnv)  # workers simulate while this process learns
     while state.env_steps < args.steps:
         with clock("act"):
@@ -249,7 +249,7 @@ def _evaluate(s: Setup, state: RunState, clock: Stopwatch) -> None:
             progress=False, max_episode_steps=args.max_episode_steps))
     state.history["eval"].append([state.env_steps, result.success_rate])
     if args.progress:
-        tqdm.write(f"{s.label} step {state.env_steps}: eval success {result.success_rate:.0%} "
+        progress.write(f"{s.label} step {state.env_steps}: eval success {result.success_rate:.0%} "
                    f"over {result.episodes} episodes (95% CI {result.ci95[0]:.0%}-{result.ci95[1]:.0%})")
 
 
@@ -343,5 +343,5 @@ def _restore(out: Path, s: Setup) -> tuple[RunState, np.random.Generator]:
     rng.bit_generator.state = meta["numpy_rng"]
     state = RunState(**meta["state"])
     if s.args.progress:
-        tqdm.write(f"resumed {out} at env step {state.env_steps} ({len(s.online)} transitions in replay)")
+        progress.write(f"resumed {out} at env step {state.env_steps} ({len(s.online)} transitions in replay)")
     return state, rng

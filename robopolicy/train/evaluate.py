@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from robopolicy.data.atomic import write_json_atomic
 from robopolicy.errors import RobopolicyError
+from robopolicy.progress import progress
 from robopolicy.seeds import EVAL_SEED
 from robopolicy.sim import Randomization, make_env
 from robopolicy.spec import FeatureSpec
@@ -204,7 +204,7 @@ def evaluate(predictor: ChunkPredictor, cfg: EvalConfig, out_json: Path | None =
     recorder = _VideoRecorder(env, cfg.video, cfg.video_episodes) if cfg.video else None
     results: list[EpisodeResult] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.episodes), desc=f"eval {cfg.env}", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress(range(cfg.episodes), desc=f"eval {cfg.env}", unit="ep", disable=not cfg.progress)
     for i in bar:
         seed = cfg.seed + i
         options = {"task": cfg.instruction} if cfg.instruction else None

@@ -5,8 +5,12 @@ safetensors checkpoints with exact ``--resume``; a progress bar (loss, samples/s
 TensorBoard scalars and a loss-curve PNG; optional periodic evaluation in sim.
 
 Multi-GPU: launch the same command under ``torchrun --nproc_per_node=N`` (or
-``accelerate launch``); each rank samples its own batches, gradients are averaged by
-DistributedDataParallel and rank 0 writes checkpoints and logs. No code change needed.
+``accelerate launch``); each rank samples its own batches of ``--batch-size`` (the
+effective batch is N times larger), gradients are averaged by DistributedDataParallel,
+logged losses are averaged over the ranks, and rank 0 alone writes checkpoints and logs.
+Every rank starts from the same weights; each has its own data and noise stream, saved
+per rank so ``--resume`` continues each exactly. No code change needed
+(tests/test_ddp.py runs two gloo ranks on the CPU).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
+from robopolicy import progress
 from robopolicy.data.atomic import write_json_atomic
 from robopolicy.data.reader import dataset_spec, load_arrays, open_dataset, read_robopolicy_meta
 from robopolicy.errors import CheckpointError, RobopolicyError
@@ -95,6 +100,8 @@ def _init_distributed() -> Dist:
     if world == 1:
         return Dist()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # before any collective: NCCL object collectives use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend)
     return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -136,7 +143,7 @@ class Trainer:
         self.cfg = cfg.validate()
         self.dist = _init_distributed()
         self.device = _device(cfg.device, self.dist)
-        torch.manual_seed(cfg.seed + self.dist.rank)
+        torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copy) on every rank
         self.run_dir = Path(cfg.out)
         self.dataset_path = Path(cfg.dataset)
 
@@ -150,6 +157,8 @@ class Trainer:
             self.policy.config.n_obs_steps, self.policy.config.horizon, cfg.seed, self.dist.rank,
         )
         self.ema = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        if self.dist.world > 1:  # then a noise stream of each rank's own
+            torch.manual_seed(_rank_seed(cfg.seed, self.dist.rank))
         self.optimizer = adamw(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
         self.model: torch.nn.Module = self.policy
@@ -191,14 +200,51 @@ class Trainer:
         self.sampler.set_state(meta["sampler_rng"])
         self.history = meta["history"]
         self.step = meta["step"]
-        print(f"resumed {self.run_dir} at step {self.step}")
+        if self.dist.rank > 0:
+            self._resume_rank_rng(meta)
+        if self.dist.main:
+            print(f"resumed {self.run_dir} at step {self.step}")
 
-    def save(self) -> Path:
+    def _resume_rank_rng(self, meta: dict[str, Any]) -> None:
+        """A rank > 0 continues its own data and noise streams (saved by rank 0 from all ranks);
+        resumed with another world size, it starts fresh ones derived from (seed, rank, step)."""
+        saved = meta.get("rank_rng") or []
+        if len(saved) == self.dist.world - 1:
+            state = saved[self.dist.rank - 1]
+            self.sampler.set_state(state["sampler_rng"])
+            torch.set_rng_state(torch.tensor(list(bytes.fromhex(state["torch_rng"])), dtype=torch.uint8))
+        else:
+            self.sampler.rng = np.random.default_rng([self.cfg.seed, self.dist.rank, self.step])
+            torch.manual_seed(_rank_seed(self.cfg.seed, self.dist.rank, self.step))
+
+    def _gather_rank_rng(self) -> list[dict[str, Any]]:
+        """Every rank's sampler and torch RNG state (a collective: all ranks call it)."""
+        mine = {"sampler_rng": self.sampler.state(), "torch_rng": bytes(torch.get_rng_state().tolist()).hex()}
+        if self.dist.world == 1:
+            return [mine]
+        states: list[Any] = [None] * self.dist.world
+        torch.distributed.all_gather_object(states, mine)
+        return states
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        """``values`` averaged over the ranks (a collective: all ranks call it)."""
+        if self.dist.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return (t / self.dist.world).tolist()
+
+    def save(self) -> Path | None:
+        """Write a checkpoint from rank 0; every rank calls it (their RNG states are gathered)."""
+        rank_rng = self._gather_rank_rng()
+        if not self.dist.main:
+            return None
         inference = (self.ema or self.policy).state_dict()
         meta = {
             "policy_type": self.cfg.policy,
             "dataset_fingerprint": self.extra["dataset"]["fingerprint"],
             "sampler_rng": self.sampler.state(),
+            "rank_rng": rank_rng[1:],
             "history": self.history,
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.cfg).items()},
         }
@@ -216,8 +262,8 @@ class Trainer:
                               {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()})
         writer = self._tensorboard() if main else None
         n_params = sum(p.numel() for p in self.policy.parameters())
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not main, dynamic_ncols=True,
-                   desc=f"train {cfg.policy} ({n_params / 1e6:.1f}M params, {self.device})", unit="step")
+        bar = progress.progress(total=cfg.steps, initial=self.step, disable=not main, unit="step",
+                                desc=f"train {cfg.policy} ({n_params / 1e6:.1f}M params, {self.device})")
         self.policy.train()
         start, start_step, running = time.perf_counter(), self.step, None
         while self.step < cfg.steps:
@@ -231,9 +277,14 @@ class Trainer:
             if self.ema is not None:
                 ema_update(self.ema, self.policy, cfg.ema_decay, self.step)
             self.step += 1
-            value = float(loss.detach())
+            logging = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            # each rank's loss is over its own batch: log their mean (the loss of the whole batch)
+            reduced = self._mean_over_ranks([float(loss.detach()), *(metrics.values() if logging else ())])
+            value = reduced[0]
+            if logging:
+                metrics = dict(zip(metrics, reduced[1:]))
             running = value if running is None else 0.95 * running + 0.05 * value
-            if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            if main and logging:
                 lr = self.scheduler.get_last_lr()[0]
                 rate = (self.step - start_step) * cfg.batch_size * self.dist.world / (time.perf_counter() - start)
                 self.history["loss"].append([self.step, running])
@@ -248,7 +299,7 @@ class Trainer:
             bar.update(1)
             if main and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._evaluate(writer)
-            if main and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
         seconds = time.perf_counter() - start
@@ -275,12 +326,17 @@ class Trainer:
         self.policy.train()
         self.history["success"].append([self.step, result.success_rate])
         writer.add_scalar("eval/success_rate", result.success_rate, self.step)
-        tqdm.write(f"step {self.step}: eval success {result.success_rate:.0%} over {result.episodes} episodes")
+        progress.write(f"step {self.step}: eval success {result.success_rate:.0%} over {result.episodes} episodes")
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A torch seed of rank ``rank``'s own noise stream (independent of the init seed)."""
+    return int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
