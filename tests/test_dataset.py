@@ -174,3 +174,24 @@ def test_interrupted_collect_leaves_a_loadable_dataset(sig: signal.Signals, tmp_
     r = collect(CollectConfig(env=ENV, episodes=1, out=out))
     assert r.total_episodes == ds.num_episodes + 1 == _load(out).num_episodes
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) needs root")
+def test_a_full_disk_is_one_line_and_the_committed_episodes_stay_loadable(tmp_path: Path) -> None:
+    """collect on a 150 kB tmpfs, in a mount namespace of its own: it fills up after a few episodes."""
+    disk, out = tmp_path / "disk", tmp_path / "disk" / "push"
+    disk.mkdir()
+    load = (f"from lerobot.datasets.lerobot_dataset import LeRobotDataset as D; "
+            f"ds = D('local/push', root={str(out)!r}, video_backend='pyav'); print(ds.num_episodes, len(ds))")
+    script = (f"mount -t tmpfs -o size=150k tmpfs {disk} && "
+              f"{sys.executable} -m robopolicy.cli collect --env {ENV} --episodes 40 --images --commit-every 0 "
+              f"--out {out} 2> {tmp_path}/err; echo $? > {tmp_path}/rc; {sys.executable} -c \"{load}\" > {tmp_path}/n")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], check=True, timeout=300,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2", err
+    last = err.strip().splitlines()[-1]  # after the progress lines: one error line, no traceback
+    assert last.startswith("robopolicy collect: error: no space left on the device of") and "Traceback" not in err, err
+    kept = int(re.search(r"keeps its (\d+) committed episodes", last)[1])
+    episodes, frames = map(int, (tmp_path / "n").read_text().split())
+    assert 1 <= kept == episodes < 40 and frames > 0

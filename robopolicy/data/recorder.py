@@ -9,6 +9,7 @@ committed episode.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -123,6 +124,13 @@ class DatasetRecorder:
         try:
             self._write_staged(episodes)
             replace_dir(self.stage, self.root)
+        except OSError as e:
+            if e.errno != errno.ENOSPC and "No space left on device" not in str(e):
+                raise
+            kept, frames = self.on_disk()
+            raise DatasetError(f"no space left on the device of {self.root}: {len(episodes)} finished episode(s) were "
+                               f"not written; the dataset keeps its {kept} committed episodes ({frames} frames), "
+                               "loadable as they were") from None
         finally:  # interrupted or not, nothing staged outlives the commit
             remove_quietly(self.stage)
 
