@@ -71,6 +71,53 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_collect)
 
 
+# ---- teleop ----------------------------------------------------------------------------
+def cmd_teleop(args: argparse.Namespace) -> int:
+    from robopolicy.data.teleop import TeleopConfig, teleop
+
+    cfg = TeleopConfig(
+        env=args.env, out=Path(args.out), episodes=args.episodes, cameras=args.cameras,
+        image_size=args.image_size, seed=args.seed, overwrite=args.overwrite, randomize=args.randomize,
+        use_videos=not args.images, keep_failures=args.keep_failures, joy=args.joy, keyboard=args.keyboard,
+        speed=args.speed, key_step=args.key_step,
+    )
+    r = teleop(cfg)
+    status = "quit: " if r.quit else ""
+    print(f"{status}saved {r.saved} episodes ({r.frames} frames) of {r.attempts} started "
+          f"({r.successes} successful) in {r.seconds:.1f} s; {cfg.out} now holds {r.total_episodes} episodes")
+    return 0
+
+
+def add_teleop(sub: argparse._SubParsersAction) -> None:
+    from robopolicy.data.teleop_input import KEYBOARDS
+
+    p = sub.add_parser("teleop", help="drive an env from the keyboard or a gamepad (sensor_msgs/Joy) and "
+                                      "record the episodes as a LeRobotDataset")
+    p.add_argument("--env", required=True, help="task name (see `robopolicy envs`): built in, from a plugin, "
+                                                "robosuite:<Env> or module:Class")
+    p.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
+    p.add_argument("--episodes", type=_positive_int, default=10, help="episodes to save before stopping")
+    p.add_argument("--cameras", type=_csv, default=(), help="comma-separated camera names to record "
+                                                          "(default: state only; the window shows the scene)")
+    p.add_argument("--image-size", type=_positive_int, default=84, help="square camera image size in pixels")
+    p.add_argument("--joy", metavar="TOPIC", default=None,
+                   help="also read a gamepad from this sensor_msgs/Joy topic (e.g. /joy)")
+    p.add_argument("--keyboard", choices=KEYBOARDS, default="auto",
+                   help="auto: an OpenCV window with the camera view where a display exists, else the "
+                        "terminal; none: gamepad only (default: %(default)s)")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="multiple of real time (1: the env's fps; 0: step as fast as inputs come)")
+    p.add_argument("--key-step", type=float, default=None,
+                   help="command change per key press, as a fraction of the half-range (default: 0.5 for "
+                        "push, 0.25 otherwise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-failures", action="store_true", help="also save episodes that hit the time limit")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--randomize", action="store_true", help="teleoperate under domain randomization")
+    p.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
+    p.set_defaults(func=cmd_teleop)
+
+
 # ---- dataset ---------------------------------------------------------------------------
 def cmd_dataset_info(args: argparse.Namespace) -> int:
     from robopolicy.data.summary import dataset_info
@@ -125,6 +172,43 @@ def add_dataset(sub: argparse._SubParsersAction) -> None:
     bag.add_argument("--overwrite", action="store_true",
                      help="replace an existing dataset at --out (once every bag imported)")
     bag.set_defaults(func=cmd_dataset_import_bag)
+
+
+# ---- record ----------------------------------------------------------------------------
+def cmd_record(args: argparse.Namespace) -> int:
+    from robopolicy.data.bag_import import parse_image_size
+    from robopolicy.real.record import RecordConfig, record
+
+    cfg = RecordConfig(
+        params=Path(args.params), out=Path(args.out), fps=args.fps, task=args.task,
+        image_size=parse_image_size(args.image_size) if args.image_size else None, use_videos=not args.images,
+        overwrite=args.overwrite, domain_id=args.domain_id, topic_timeout_s=args.topic_timeout,
+        episodes=args.episodes,
+    )
+    r = record(cfg)
+    print(r.summary(cfg.out))
+    return 130 if r.interrupted else 0
+
+
+def add_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("record", help="record demonstrations on a robot over ROS 2 (observation topics + the "
+                                      "commanded action) as a LeRobotDataset")
+    p.add_argument("--params", required=True,
+                   help="the robot's policy-node parameter file (real/config/*.yaml): topics and joint maps")
+    p.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
+    p.add_argument("--fps", type=_positive_int, default=10, help="dataset frame rate (default: %(default)s)")
+    p.add_argument("--task", default=None, help="task string (default: the parameter file's task, else "
+                                                 "'demonstration')")
+    p.add_argument("--image-size", default=None, metavar="N|HxW",
+                   help="resize camera images to this size (default: each camera's own size)")
+    p.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out (at the first save)")
+    p.add_argument("--episodes", type=_positive_int, default=None,
+                   help="stop after this many saved episodes (default: until q or Ctrl-C)")
+    p.add_argument("--topic-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="every mapped topic must publish within this time (default: %(default)s)")
+    p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID, else 0)")
+    p.set_defaults(func=cmd_record)
 
 
 # ---- train -----------------------------------------------------------------------------
@@ -328,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robopolicy", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"robopolicy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_envs, add_collect, add_dataset, add_train, add_eval, add_finetune, add_export, add_deploy, add_demo):
+    for add in (add_envs, add_collect, add_teleop, add_dataset, add_record, add_train, add_eval, add_finetune, add_export, add_deploy, add_demo):
         add(sub)
     return parser
 

@@ -265,8 +265,11 @@ class Alignment:
 
 
 def align(stamps: Mapping[str, np.ndarray], topics: Mapping[str, str], fps: float,
-          end_key: str = ACTION, gap_factor: float = 3.0) -> Alignment:
-    """Frames at ``fps`` from when every feature has a sample to the last ``end_key`` sample.
+          end_key: str = ACTION, gap_factor: float = 3.0, phase_s: float = 0.0) -> Alignment:
+    """Frames at ``fps`` from when every feature has a sample to the last ``end_key`` sample,
+    both moved ``phase_s`` later (the live recorder passes half a frame period: a command stream
+    at the frame rate is then sampled midway between its messages, not on their edges, where
+    a late message would shift a frame onto the previous command).
 
     ``stamps[key]`` must be sorted (seconds). A gap is an interval between consecutive samples
     of a topic, within the frames, longer than ``max(2 / fps, gap_factor * the topic's median interval)``.
@@ -274,12 +277,12 @@ def align(stamps: Mapping[str, np.ndarray], topics: Mapping[str, str], fps: floa
     empty = [k for k, s in stamps.items() if len(s) == 0]
     if empty:
         raise RobopolicyError("no messages on " + ", ".join(f"{topics[k]} ({k})" for k in empty))
-    start = max(float(s[0]) for s in stamps.values())
-    end = float(stamps[end_key][-1])
+    start = max(float(s[0]) for s in stamps.values()) + phase_s
+    end = float(stamps[end_key][-1]) + phase_s
     if end < start:
         late = max(stamps, key=lambda k: float(stamps[k][0]))
-        raise RobopolicyError(f"no frames: the last {end_key} message ({topics[end_key]}, t={end:.3f}) comes before "
-                              f"every feature has a sample ({topics[late]} starts at t={start:.3f})")
+        raise RobopolicyError(f"no frames: the last {end_key} message ({topics[end_key]}, t={end - phase_s:.3f}) comes "
+                              f"before every feature has a sample ({topics[late]} starts at t={start - phase_s:.3f})")
     n = int(np.floor((end - start) * fps + 1e-6)) + 1
     times = start + np.arange(n) / fps
     index = {k: np.searchsorted(s, times + 1e-9, side="right") - 1 for k, s in stamps.items()}

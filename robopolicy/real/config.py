@@ -115,6 +115,9 @@ BRIDGE_PARAMS: tuple[Param, ...] = (
     Param("reset_pause_s", "double", 1.0,
           "after a reset, publish the new scene this long before stepping (the policy re-plans)", minimum=0.0),
     Param("result_topic", "string", "/sim/episode_result", "std_msgs/String JSON episode results"),
+    Param("expert_commands", "bool", False,
+          "stand-in teleoperator: publish the env's scripted-expert action on action.topic each step and apply "
+          "it (commands from others are ignored); for recording tests and demos"),
 ) + _topic_params("published")
 
 PARAMS_BY_NODE_KIND = {"policy": POLICY_PARAMS, "sim_bridge": BRIDGE_PARAMS}

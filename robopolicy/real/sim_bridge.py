@@ -13,6 +13,14 @@ request (no result for the interrupted episode; the response message is
 ``{"episode": <index of the new episode>}``). After a reset it publishes the new scene for
 ``reset_pause_s`` without stepping (commands are ignored), like a robot being set up, so the
 policy re-plans from the new scene. The policy node cannot tell it from a robot.
+
+With ``expert_commands`` the bridge is also its own teleoperator (for ``robopolicy record``
+tests and demos): the env's scripted expert needs the env's internals, so it runs here. Each
+step it publishes the observation, then the expert's action for it on ``action.topic`` (the
+first action of an episode on the first tick after the reset pause, before any step), and
+applies that action at the next tick; commands from other nodes are ignored. The env's
+trajectory is then the one ``robopolicy collect`` records from the same seed (the expert's
+generator is seeded with the episode's seed, as collect seeds it).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from robopolicy.real.config import BRIDGE_PARAMS, LOW_DIM_KEYS
 from robopolicy.real.messages import CommandCodec, JointMap, MessageError, array_to_image, joint_state, s_to_stamp
 from robopolicy.real.nodes import SIM_BRIDGE
 from robopolicy.real.rosutil import RECORD_QOS, declare_parameters, parameter_values, run_node, stream_qos
-from robopolicy.sim import make_env
+from robopolicy.sim import make_env, make_expert
 from robopolicy.spec import ACTION, IMAGE_PREFIX, STATE
 
 
@@ -63,7 +71,11 @@ class SimBridge(Node):
         self._low_dim = [(k, names[k], self.create_publisher(JointState, p[f"{k}.topic"], qos)) for k in keys]
         self._codec = CommandCodec(p["action.message_type"], JointMap.identity(names[ACTION]), 1.0 / self.env.fps)
         self._action_topic = p["action.topic"]
-        self.create_subscription(self._codec.msg_type, self._action_topic, self._on_command, qos)
+        self._expert = make_expert(p["env"]) if p["expert_commands"] else None
+        if self._expert is None:
+            self.create_subscription(self._codec.msg_type, self._action_topic, self._on_command, qos)
+        else:
+            self._teleop = self.create_publisher(self._codec.msg_type, self._action_topic, qos)
         self._results = self.create_publisher(String, p["result_topic"], RECORD_QOS)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.episode = 0
@@ -79,11 +91,19 @@ class SimBridge(Node):
         self._command = np.zeros(self.env.action_space.shape, dtype=np.float32)
         self._length, self._success = 0, False
         self._paused_until = time.monotonic() + self.reset_pause_s
+        if self._expert is not None:
+            self._expert.reset(self.env, np.random.default_rng(self.seed + self.episode))
+            self._expert_started = False
         self._publish()
 
     def _step(self) -> None:
         if time.monotonic() < self._paused_until:
             self._publish()
+            return
+        if self._expert is not None and not self._expert_started:  # obs 0 and its action, no step yet
+            self._expert_started = True
+            self._publish()
+            self._teleoperate()
             return
         self._obs, _, terminated, truncated, info = self.env.step(self._command)
         self._length += 1
@@ -98,6 +118,15 @@ class SimBridge(Node):
             self._start_episode()
         else:
             self._publish()
+            if self._expert is not None:
+                self._teleoperate()
+
+    def _teleoperate(self) -> None:
+        """Publish the scripted expert's action for the current observation and apply it next tick."""
+        assert self._expert is not None
+        self._command = np.asarray(self._expert.act(self.env, self._obs), dtype=np.float32)
+        stamp = s_to_stamp(self.get_clock().now().nanoseconds * 1e-9)
+        self._teleop.publish(self._codec.encode(self._command, stamp))
 
     def _publish(self) -> None:
         stamp = s_to_stamp(self.get_clock().now().nanoseconds * 1e-9)
