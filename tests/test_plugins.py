@@ -291,5 +291,5 @@ def test_robosuite_door_wraps_generically(tmp_path: Path, capsys: pytest.Capture
     out = tmp_path / "door"
     assert main(["collect", "--env", "robosuite:Door", "--episodes", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no scripted expert for robosuite:Door" in err and "import-bag" in err
+    assert err.count("\n") == 1 and "no scripted expert for robosuite:Door" in err and "robopolicy teleop --env robosuite:Door" in err
     assert not out.exists()

@@ -59,7 +59,7 @@ class EnvEntry:
     """One task: how to build it (``make(**kwargs)``: the :class:`RobopolicyEnv` keyword
     arguments ``max_episode_steps``, ``dense_reward``, ``terminate_on_success``,
     ``randomization``, ``cameras``, ``image_size``), its scripted expert (``None``: none,
-    demonstrations come from recordings), a one-line description and its camera names."""
+    demonstrations come from teleoperation or recordings), a one-line description and its camera names."""
 
     name: str
     make: Callable[..., RobopolicyEnv]
@@ -291,6 +291,6 @@ def make_expert(name: str) -> Expert:
     entry = env_entry(name)
     if entry.make_expert is None:
         raise RobopolicyError(
-            f"no scripted expert for {name}: collect needs one. Give its EnvEntry a make_expert, or bring "
-            "demonstrations recorded elsewhere (robopolicy dataset import-bag)")
+            f"no scripted expert for {name}: collect needs one. Teleoperate it (robopolicy teleop --env {name} "
+            "--out DIR), import recordings (robopolicy dataset import-bag), or give its EnvEntry a make_expert")
     return entry.make_expert()
