@@ -32,16 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from robopolicy.process_defaults import apply_defaults
 
-from robopolicy.export import export_policy, load_policy
-from robopolicy.export.runtime import sample_observation
-from robopolicy.policies.base import Policy
-from robopolicy.policies.factory import make_policy
-from robopolicy.spec import ACTION, ENV_STATE, STATE, Feature, FeatureSpec, Stats
-from robopolicy.train.checkpoint import load_policy as load_checkpoint
-from robopolicy.train.checkpoint import save_policy
+apply_defaults()  # before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from robopolicy.export import export_policy, load_policy  # noqa: E402
+from robopolicy.export.exported_policy import sample_observation  # noqa: E402
+from robopolicy.policies.base import Policy  # noqa: E402
+from robopolicy.policies.factory import make_policy  # noqa: E402
+from robopolicy.spec import ACTION, ENV_STATE, STATE, Feature, FeatureSpec, Stats  # noqa: E402
+from robopolicy.train.checkpoint import load_policy as load_checkpoint  # noqa: E402
+from robopolicy.train.checkpoint import save_policy  # noqa: E402
 
 ROUNDS = 4
 

@@ -23,11 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from robopolicy import runtime
+from robopolicy.process_defaults import apply_defaults
 
-runtime.apply_defaults()
+apply_defaults()  # before mujoco / torch / lerobot are imported
 
-from robopolicy.data.atomic import write_json_atomic  # noqa: E402
+from robopolicy.atomic_io import write_json_atomic  # noqa: E402
 from robopolicy.rl import ResidualArgs, SACArgs, finetune, train_sac  # noqa: E402
 from robopolicy.rl.curves import plot_learning_curves  # noqa: E402
 

@@ -57,6 +57,9 @@ os.environ.update({
     "ROS_DOMAIN_ID": str(random.randint(1, 101)),  # robopolicy.real.nodes.SAFE_DOMAIN_IDS
     "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "real" / "config" / "fastdds_loopback.xml"),
 })
+from robopolicy.process_defaults import apply_defaults  # noqa: E402
+
+apply_defaults()  # the rest (OMP_WAIT_POLICY, ...) before torch is imported
 
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402

@@ -19,9 +19,9 @@ import argparse
 import time
 from typing import Callable
 
-from robopolicy import runtime
+from robopolicy.process_defaults import apply_defaults
 
-runtime.apply_defaults()
+apply_defaults()  # before mujoco / torch / lerobot are imported
 
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402

@@ -18,7 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from robopolicy.process_defaults import apply_defaults
+
+apply_defaults()  # before torch / lerobot are imported
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lerobot_baseline import make_lerobot_diffusion, n_params  # noqa: E402

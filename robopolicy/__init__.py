@@ -1,9 +1,8 @@
-"""robopolicy: robot policy learning with sim-to-real deployment."""
+"""robopolicy: robot policy learning with sim-to-real deployment.
 
-from robopolicy.runtime import apply_defaults
+Importing the package changes nothing in the caller's process: the environment defaults
+(headless rendering, offline hub, ROS 2 on localhost, passive OpenMP waiting) are applied by
+the entry points only (see :mod:`robopolicy.process_defaults`).
+"""
 
 __version__ = "0.1.0"
-
-# Headless rendering, no hub downloads, ROS 2 on localhost: set before mujoco / lerobot /
-# rclpy are imported by any submodule (user-set values win).
-apply_defaults()

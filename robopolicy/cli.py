@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from robopolicy.errors import RobopolicyError
+from robopolicy.process_defaults import apply_defaults
 from robopolicy.seeds import EVAL_SEED
 
 Handler = Callable[[argparse.Namespace], int]
@@ -280,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _load_predictor(args: argparse.Namespace):
     if args.checkpoint:
         from robopolicy.rl import load_trained_policy
-        from robopolicy.train.evaluate import TorchChunkPredictor
+        from robopolicy.inference import TorchChunkPredictor
 
         return TorchChunkPredictor(load_trained_policy(Path(args.checkpoint)), seed=args.seed), args.checkpoint
     from robopolicy.export import load_policy as load_exported
@@ -418,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before any command imports torch, mujoco, lerobot or rclpy (see process_defaults).
+    apply_defaults()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

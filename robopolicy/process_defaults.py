@@ -1,7 +1,27 @@
-"""Process-wide defaults every robopolicy entry point sets before heavy imports.
+"""Process-wide environment defaults, applied by the entry points, never on import.
 
 Nothing may leave this machine: no hub downloads, ROS 2 discovery on localhost only.
 Rendering is headless (EGL). Values already set by the user win.
+
+Who calls :func:`apply_defaults`: ``robopolicy.cli.main`` (every ``robopolicy`` command, and
+``python -m robopolicy.real.record``, which goes through it), the ``main`` of each ROS node
+(``robopolicy.real.policy_node``, ``robopolicy.real.sim_bridge``), the benches, and the test
+suite (``tests/conftest.py``). A library user (a notebook) gets none of this unless they call
+it.
+
+Call it first, before heavy imports: several values are read once, when a library loads,
+and are ignored if set later:
+
+* ``OMP_WAIT_POLICY``: read when torch (its OpenMP runtime) is loaded;
+* ``MUJOCO_GL`` / ``PYOPENGL_PLATFORM``: read when PyOpenGL is imported, which
+  ``robopolicy.sim`` does at import;
+* ``HF_HUB_OFFLINE`` / ``HF_DATASETS_DISABLE_PROGRESS_BARS``: read when
+  ``huggingface_hub`` / ``datasets`` are imported (by lerobot);
+* the ROS 2 values: read when the rclpy context is initialised.
+
+So an entry point calls it first thing in its ``main``, and its module imports none of these
+libraries at module level (``robopolicy.cli`` and the node modules import them lazily); a
+script that cannot (a bench) calls it at the top, above its imports.
 """
 
 from __future__ import annotations

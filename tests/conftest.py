@@ -1,9 +1,10 @@
-"""Test-wide settings: headless rendering, offline hub, ROS 2 on localhost only."""
+"""Test-wide settings: headless rendering, offline hub, ROS 2 on localhost only.
 
-import os
+``import robopolicy`` changes nothing in the process, so the suite applies the process
+defaults the entry points apply (``robopolicy.process_defaults``), here, before any test
+module imports torch, mujoco, lerobot or rclpy.
+"""
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+from robopolicy.process_defaults import apply_defaults
 
-import robopolicy  # noqa: E402,F401  (applies the remaining runtime defaults)
+apply_defaults()

@@ -21,7 +21,7 @@ from robopolicy.export import (
 )
 from robopolicy.export import graph as graph_ops
 from robopolicy.export.onnx_export import PARITY_REL_TOLERANCE
-from robopolicy.export.runtime import BOUND_FIELDS_KEY, sample_observation
+from robopolicy.export.exported_policy import BOUND_FIELDS_KEY, sample_observation
 from robopolicy.policies.factory import make_policy
 from robopolicy.spec import Feature, FeatureSpec, Stats
 from robopolicy.train.checkpoint import save_policy

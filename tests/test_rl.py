@@ -21,7 +21,8 @@ from robopolicy.rl.replay import ReplayBuffer, sample_mixed
 from robopolicy.rl.residual import ResidualAgent, build, load_demo_buffer
 from robopolicy.sim import make_env
 from robopolicy.train.checkpoint import POLICY_WEIGHTS, load_policy, load_tensors, resolve_checkpoint, save_policy
-from robopolicy.train.evaluate import ChunkExecutor, EvalConfig, TorchChunkPredictor, evaluate
+from robopolicy.inference import TorchChunkPredictor
+from robopolicy.train.evaluate import ChunkExecutor, EvalConfig, evaluate
 from robopolicy.train.trainer import TrainConfig, train
 
 TINY = {"down_dims": [16, 32], "time_embed_dim": 8, "state_mlp_dims": [32], "num_inference_steps": 2,

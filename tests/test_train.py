@@ -20,7 +20,8 @@ from robopolicy.data.reader import EpisodeArrays
 from robopolicy.errors import CheckpointError, RobopolicyError, SpecMismatchError
 from robopolicy.spec import ENV_STATE
 from robopolicy.train.checkpoint import POLICY_WEIGHTS, load_policy, resolve_checkpoint
-from robopolicy.train.evaluate import EvalConfig, evaluate_policy, wilson_interval
+from robopolicy.stats import wilson_interval
+from robopolicy.train.evaluate import EvalConfig, evaluate_policy
 from robopolicy.train.trainer import TrainConfig, Trainer, train
 from robopolicy.train.windows import build_windows
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from robopolicy.data.atomic import remove_quietly, replace_dir
+from robopolicy.atomic_io import remove_quietly, replace_dir
 from robopolicy.data.recorder import DatasetRecorder
 from robopolicy.data.topic_frames import (
     IMAGE, Alignment, ImageConverter, TopicGaps, TopicMapping, align, stamp_of,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from robopolicy.data.atomic import recover_swap, remove_quietly, replace_dir, write_json_atomic
+from robopolicy.atomic_io import recover_swap, remove_quietly, replace_dir, write_json_atomic
 from robopolicy.errors import DatasetError
 from robopolicy.spec import IMAGE_PREFIX
 

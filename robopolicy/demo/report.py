@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robopolicy.data.atomic import remove_quietly, replace_dir, write_bytes_atomic, write_json_atomic
+from robopolicy.atomic_io import remove_quietly, replace_dir, write_bytes_atomic, write_json_atomic
 from robopolicy.demo.config import DemoConfig
 
 #: (stage, key in the summary, label) of each success-rate row.

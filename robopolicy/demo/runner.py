@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robopolicy.data.atomic import write_json_atomic
+from robopolicy.atomic_io import write_json_atomic
 from robopolicy.demo.config import DemoConfig
 from robopolicy.demo.report import write_report
 from robopolicy.demo.stages import STAGES, Stage

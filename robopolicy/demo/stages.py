@@ -75,7 +75,7 @@ def _evaluate(predictor: Any, cfg: DemoConfig, folder: Path, video: bool = False
 
 def eval_bc(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     from robopolicy.train.checkpoint import load_policy
-    from robopolicy.train.evaluate import TorchChunkPredictor
+    from robopolicy.inference import TorchChunkPredictor
 
     return _evaluate(TorchChunkPredictor(load_policy(cfg.folder("train") / RUN), seed=EVAL_SEED), cfg, folder)
 
@@ -97,7 +97,7 @@ def finetune_rl(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
 
 def eval_rl(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     from robopolicy.rl import load_residual_policy
-    from robopolicy.train.evaluate import TorchChunkPredictor
+    from robopolicy.inference import TorchChunkPredictor
 
     policy = load_residual_policy(cfg.folder("finetune") / RUN)
     return _evaluate(TorchChunkPredictor(policy, seed=EVAL_SEED), cfg, folder)
@@ -129,7 +129,7 @@ def eval_export(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
 def deploy_ros(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     from robopolicy.paths import deploy_params
     from robopolicy.real.deploy import deploy
-    from robopolicy.train.evaluate import wilson_interval
+    from robopolicy.stats import wilson_interval
 
     params = deploy_params(cfg.env)
     if params is None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from robopolicy.export.errors import (
     ExportError, ModelFileError, NonFiniteActionError, ObservationError, TensorRTUnavailableError,
 )
-from robopolicy.export.runtime import BACKENDS, ExportedPolicy, ExportedResidualPolicy, load_policy
+from robopolicy.export.exported_policy import ExportedPolicy, ExportedResidualPolicy, load_policy
+from robopolicy.inference import BACKENDS
 
 if TYPE_CHECKING:
     from robopolicy.export.onnx_export import ExportReport, export_policy

@@ -4,7 +4,7 @@
 ``checkpoint/``, + ``residual.onnx`` for a residual-RL fine-tuning) with one of three
 backends and returns an :class:`ExportedPolicy` (an :class:`ExportedResidualPolicy`, with
 the per-step ``correct_action``, when the export has a residual), which satisfies
-``robopolicy.train.evaluate.ChunkPredictor``:
+``robopolicy.inference.ChunkPredictor``:
 
 * ``"onnxruntime"``: CPU session (graph optimizations ALL, sequential, ``threads`` intra-op);
 * ``"tensorrt"``: ONNX Runtime's TensorRT provider with the engine cached at export time;
@@ -37,6 +37,7 @@ import numpy as np
 
 from robopolicy.errors import RobopolicyError, UnknownNameError
 from robopolicy.export.errors import ModelFileError, NonFiniteActionError, ObservationError
+from robopolicy.inference import BACKENDS
 from robopolicy.spec import ACTION, LANGUAGE, Feature, FeatureSpec, check_instruction
 
 MODEL_FILE = "policy.onnx"
@@ -56,7 +57,6 @@ BOUND_FIELDS_KEY = "robopolicy.manifest"
 OPEN_SECTIONS = ("model", RESIDUAL)
 NOISE = "noise"
 BASE_ACTION = "base_action"
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)

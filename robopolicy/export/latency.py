@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from robopolicy.stats import percentiles
+
 
 @dataclass
 class Latency:
@@ -61,7 +63,7 @@ def measure(fn: Callable[[], object], runs: int, warmup: int = 5) -> Latency:
         fn()
         times[i] = time.perf_counter() - start
     times *= 1e3
-    return Latency(float(np.percentile(times, 50)), float(np.percentile(times, 99)), float(times.min()), runs)
+    return Latency(*percentiles(times), float(times.min()), runs)
 
 
 def _matmul_chain(m: int, k: int, n: int, count: int, threads: int) -> tuple[Callable[[], object], np.ndarray]:

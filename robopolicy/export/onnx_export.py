@@ -53,12 +53,12 @@ import onnx
 import torch
 
 from robopolicy import __version__
-from robopolicy.data.atomic import remove_quietly, replace_dir, write_bytes_atomic, write_json_atomic
+from robopolicy.atomic_io import remove_quietly, replace_dir, write_bytes_atomic, write_json_atomic
 from robopolicy.export import graph as graph_ops
 from robopolicy.export import latency
 from robopolicy.export import tensorrt as trt
 from robopolicy.export.errors import ExportError, NonFiniteActionError
-from robopolicy.export.runtime import (
+from robopolicy.export.exported_policy import (
     BOUND_FIELDS_KEY, CHECKPOINT_DIR, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, NOISE, RESIDUAL, RESIDUAL_FILE,
     TENSORRT_DIR, bound_fields, correction_inputs, correction_outputs, dimension_name, first_non_finite, graph_inputs,
     graph_outputs, load_policy, sample_correction_feeds, sample_observation, session_options, sha256_file,

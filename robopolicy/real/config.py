@@ -26,13 +26,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from robopolicy.errors import RobopolicyError, SpecMismatchError
+from robopolicy.inference import BACKENDS
 from robopolicy.real.messages import COMMAND_TYPES, JointMap
 from robopolicy.real.safety import SafetyLimits
 from robopolicy.spec import ENV_STATE, IMAGE_PREFIX, STATE, FeatureSpec
 
 #: Low-dimensional observation features the node can subscribe (JointState topics).
 LOW_DIM_KEYS = (STATE, ENV_STATE)
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 RELIABILITIES = ("reliable", "best_effort")
 #: Slack when comparing the trained action range with the limits.
 RANGE_TOLERANCE = 1e-6

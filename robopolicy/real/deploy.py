@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from robopolicy.data.atomic import write_json_atomic
+from robopolicy.atomic_io import write_json_atomic
 from robopolicy.errors import RobopolicyError
 from robopolicy.progress import progress as progress_bar
 from robopolicy.real.nodes import POLICY, SIM_BRIDGE, check_params_file, pick_domain_id, ros_environment
@@ -65,7 +65,7 @@ class DeployReport:
         t = self.timing
         lines = []
         if self.sim:
-            from robopolicy.train.evaluate import wilson_interval
+            from robopolicy.stats import wilson_interval
 
             wins, n = sum(e["success"] for e in self.episodes), len(self.episodes)
             lo, hi = wilson_interval(wins, n)

@@ -5,7 +5,7 @@
 * a training or fine-tuning run, or a checkpoint folder -> :class:`TorchChunkPredictor`
   around the torch policy.
 
-Either way the result is a :class:`~robopolicy.train.evaluate.ChunkPredictor`
+Either way the result is a :class:`~robopolicy.inference.ChunkPredictor`
 (``spec``, ``predict_chunk``, and ``correct_action`` for a residual-RL policy).
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from robopolicy.errors import RobopolicyError
 
 if TYPE_CHECKING:
-    from robopolicy.train.evaluate import ChunkPredictor
+    from robopolicy.inference import ChunkPredictor
 
 MANIFEST = "manifest.json"
 
@@ -34,7 +34,7 @@ def load_predictor(path: str | Path, backend: str = "onnxruntime", threads: int 
     import torch
 
     from robopolicy.rl.policy import load_trained_policy
-    from robopolicy.train.evaluate import TorchChunkPredictor
+    from robopolicy.inference import TorchChunkPredictor
 
     torch.set_num_threads(threads)
     return TorchChunkPredictor(load_trained_policy(folder))

@@ -54,6 +54,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
+from robopolicy.process_defaults import apply_defaults
 from robopolicy.real.config import POLICY_PARAMS, PolicyNodeConfig
 from robopolicy.real.control_loop import ControlLoop, Inbox
 from robopolicy.real.controller import PolicyController
@@ -380,6 +381,9 @@ class PolicyNode(LifecycleNode):
 
 def main(args: list[str] | None = None) -> int:
     """``python -m robopolicy.real.policy_node --ros-args --params-file P -p model:=M``."""
+    # Before rclpy.init and the model load (torch, onnxruntime); this module imports neither
+    # torch nor mujoco at module level, and rclpy reads the ROS 2 values at init.
+    apply_defaults()
     return run_node(lambda context: PolicyNode(context=context), on_exit=lambda node: node.trigger_shutdown(),
                     args=args)
 

@@ -496,7 +496,10 @@ def _wait_for_topics(node: Any, executor: Any, session: _Session, timeout_s: flo
 
 
 def main(args: list[str] | None = None) -> int:
-    """``python -m robopolicy.real.record PARAMS OUT``: the same as ``robopolicy record``."""
+    """``python -m robopolicy.real.record PARAMS OUT``: the same as ``robopolicy record``.
+
+    The process defaults are applied by ``robopolicy.cli.main``, first.
+    """
     from robopolicy.cli import main as cli_main
 
     return cli_main(["record", *(sys.argv[1:] if args is None else args)])

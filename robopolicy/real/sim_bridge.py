@@ -38,11 +38,11 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from robopolicy.process_defaults import apply_defaults
 from robopolicy.real.config import BRIDGE_PARAMS, LOW_DIM_KEYS
 from robopolicy.real.messages import CommandCodec, JointMap, MessageError, array_to_image, joint_state, s_to_stamp
 from robopolicy.real.nodes import SIM_BRIDGE
 from robopolicy.real.rosutil import RECORD_QOS, declare_parameters, parameter_values, run_node, stream_qos
-from robopolicy.sim import make_env, make_expert
 from robopolicy.spec import ACTION, IMAGE_PREFIX, STATE
 
 
@@ -50,6 +50,10 @@ class SimBridge(Node):
     """See the module docstring."""
 
     def __init__(self, context: Context | None = None, parameter_overrides: list[Parameter] | None = None) -> None:
+        # Imported here, not at module level: robopolicy.sim imports mujoco and PyOpenGL, which read
+        # MUJOCO_GL / PYOPENGL_PLATFORM once, so main() applies the process defaults before this.
+        from robopolicy.sim import make_env, make_expert
+
         super().__init__(SIM_BRIDGE.name, context=context, parameter_overrides=parameter_overrides or [])
         declare_parameters(self, BRIDGE_PARAMS)
         p = parameter_values(self, BRIDGE_PARAMS)
@@ -162,6 +166,7 @@ class SimBridge(Node):
 
 def main(args: list[str] | None = None) -> int:
     """``python -m robopolicy.real.sim_bridge --ros-args --params-file P -p env:=push``."""
+    apply_defaults()  # before rclpy.init and the env's mujoco / OpenGL import (see process_defaults)
     return run_node(lambda context: SimBridge(context=context), args=args)
 
 

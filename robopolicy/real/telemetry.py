@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from robopolicy.stats import percentiles
+
 CYCLE_FIELDS = ("time_s", "period_ms", "obs_to_command_ms", "stamp_to_command_ms", "cycle_ms", "correction_ms", "held")
 INFERENCE_FIELDS = ("time_s", "inference_ms", "slack_ms", "stale_actions")
 #: A cycle interval above this many nominal periods is a missed control deadline.
@@ -82,7 +84,7 @@ class Percentiles:
         v = values[np.isfinite(values)]
         if v.size == 0:
             return cls(float("nan"), float("nan"), float("nan"), 0)
-        return cls(float(np.percentile(v, 50)), float(np.percentile(v, 99)), float(v.max()), int(v.size))
+        return cls(*percentiles(v), float(v.max()), int(v.size))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from robopolicy import progress
-from robopolicy.data.atomic import write_json_atomic
+from robopolicy.atomic_io import write_json_atomic
 from robopolicy.errors import CheckpointError
 from robopolicy.rl.config import OffPolicyArgs
 from robopolicy.rl.curves import plot_learning_curves
@@ -49,7 +49,8 @@ from robopolicy.train.checkpoint import (
     load_weights,
     resolve_checkpoint,
 )
-from robopolicy.train.evaluate import ChunkPredictor, EvalConfig, evaluate
+from robopolicy.inference import ChunkPredictor
+from robopolicy.train.evaluate import EvalConfig, evaluate
 
 TRAIN_STATE = "train_state"
 REPLAY = "replay.safetensors"

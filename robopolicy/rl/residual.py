@@ -48,7 +48,8 @@ from robopolicy.rl.policy import ResidualPolicy, is_residual_checkpoint, load_re
 from robopolicy.rl.replay import Batch, ReplayBuffer
 from robopolicy.spec import ACTION
 from robopolicy.train.checkpoint import load_policy, save_policy
-from robopolicy.train.evaluate import TorchChunkPredictor, env_kwargs
+from robopolicy.inference import TorchChunkPredictor
+from robopolicy.train.evaluate import env_kwargs
 from robopolicy.train.optim import adamw, polyak_update
 from robopolicy.train.windows import build_windows
 

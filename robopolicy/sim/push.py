@@ -2,10 +2,10 @@
 
 An x/y gantry moves a cylinder pusher over a table; coloured blocks slide with friction;
 the goal is a disc drawn on the table (no collision). Two tasks share the scene
-(``sim/push_scene.xml``):
+(``robopolicy/assets/sim/push_scene.xml``):
 
-* ``push`` (``sim/push.xml``): push the red block onto the goal.
-* ``multitask`` (``sim/multitask.xml``): red, green and blue blocks at random positions, one
+* ``push`` (``push.xml``): push the red block onto the goal.
+* ``multitask`` (``multitask.xml``): red, green and blue blocks at random positions, one
   goal; each episode draws one instruction ("push the green block to the goal", ...) and
   succeeds only when that block reaches the goal. ``info["achieved_task"]`` names the
   instruction whose block is on the goal (or ``None``), for instruction-following metrics.

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from robopolicy import __version__
-from robopolicy.data.atomic import write_bytes_atomic, write_json_atomic
+from robopolicy.atomic_io import write_bytes_atomic, write_json_atomic
 from robopolicy.errors import CheckpointError, RobopolicyError
 from robopolicy.policies.base import Policy
 from robopolicy.spec import FeatureSpec

@@ -1,7 +1,8 @@
 """Closed-loop evaluation in sim with receding-horizon chunk execution.
 
-Works with anything that predicts chunks: a torch policy (wrapped by
-:class:`TorchChunkPredictor`) or an exported one (``robopolicy.export.load_policy``).
+Works with anything that predicts chunks (:class:`robopolicy.inference.ChunkPredictor`):
+a torch policy (wrapped by :class:`~robopolicy.inference.TorchChunkPredictor`) or an
+exported one (``robopolicy.export.load_policy``).
 A predictor may also correct each executed action (``correct_action``, e.g. a residual-RL
 policy): the executor passes it the current observation and the planned action.
 Reports success rate with a Wilson 95 % interval, episode length, inference latency
@@ -13,62 +14,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from robopolicy.data.atomic import write_json_atomic
+from robopolicy.atomic_io import write_json_atomic
 from robopolicy.errors import RobopolicyError
+from robopolicy.inference import ChunkPredictor, TorchChunkPredictor
 from robopolicy.progress import progress
 from robopolicy.seeds import EVAL_SEED
 from robopolicy.sim import Randomization, make_env
 from robopolicy.spec import FeatureSpec
-
-
-class ChunkPredictor(Protocol):
-    """What the evaluator (and the ROS node) needs from a policy."""
-
-    spec: FeatureSpec
-
-    def predict_chunk(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """Raw observations ``[1, To, ...]`` (+ ``"task"``) -> raw actions ``[1, Ta, Da]``."""
-        ...
-
-    # Optional: ``correct_action(obs, action) -> action`` with the current raw observation
-    # (unbatched) and the planned action ``[Da]`` (the chunk's dtype, float32); the executor
-    # applies it at every step (a torch residual policy, or an exported one:
-    # ``robopolicy.export.ExportedResidualPolicy``).
-
-
-class TorchChunkPredictor:
-    """Runs a torch :class:`~robopolicy.policies.base.Policy` on numpy observations."""
-
-    def __init__(self, policy: torch.nn.Module, seed: int = 0) -> None:
-        self.policy = policy.eval()
-        self.spec = policy.spec
-        self.device = next(policy.parameters()).device
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.source_env = getattr(policy, "checkpoint_meta", {}).get("env")
-
-    @torch.inference_mode()
-    def predict_chunk(self, obs: dict[str, Any]) -> np.ndarray:
-        batch = {k: torch.as_tensor(v, device=self.device) if k != "task" else v for k, v in obs.items()}
-        noise = torch.randn(self.policy.noise_shape(1), generator=self.generator).to(self.device)
-        return self.policy.predict_chunk(batch, noise).cpu().numpy()
-
-    @torch.inference_mode()
-    def correct_action(self, obs: dict[str, np.ndarray], action: np.ndarray) -> np.ndarray:
-        """The policy's per-step correction of the planned ``action`` (identity for plain policies)."""
-        correct = getattr(self.policy, "correct_action", None)
-        if correct is None:
-            return action
-        batch = {k: torch.as_tensor(v, device=self.device)[None] for k, v in obs.items()}
-        return correct(batch, torch.as_tensor(action, device=self.device)[None]).cpu().numpy()[0]
+from robopolicy.stats import percentiles, wilson_interval
 
 
 @dataclass
@@ -127,17 +88,6 @@ class EvalResult:
         if self.instruction_following is not None:
             lines.append(f"instruction following: {self.instruction_following:.0%} of episodes did the instructed task")
         return "\n".join(lines)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 class ChunkExecutor:
@@ -257,11 +207,11 @@ def summarize(env: str, results: list[EpisodeResult], latencies: list[float], se
         per_task[task] = {"episodes": len(rs), "success_rate": sum(r.success for r in rs) / len(rs)}
     tracked = [r for r in results if r.achieved_task is not None]
     following = (sum(r.achieved_task == r.task for r in tracked) / len(tracked)) if tracked else None
-    lat = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    lat_p50, lat_p99 = percentiles(np.asarray(latencies) * 1e3 if latencies else np.zeros(1))
     return EvalResult(
         env=env, episodes=n, success_rate=wins / max(n, 1), ci95=wilson_interval(wins, n),
         mean_length=float(np.mean([r.length for r in results])) if results else 0.0,
-        latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p99=float(np.percentile(lat, 99)),
+        latency_ms_p50=lat_p50, latency_ms_p99=lat_p99,
         per_task=per_task, instruction_following=following, seconds=seconds, episode_results=results,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robopolicy.data.atomic import write_bytes_atomic
+from robopolicy.atomic_io import write_bytes_atomic
 
 
 def plot_curves(history: dict[str, list[list[float]]], out: Path, title: str) -> None:

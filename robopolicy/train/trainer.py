@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from robopolicy import progress
-from robopolicy.data.atomic import write_json_atomic
+from robopolicy.atomic_io import write_json_atomic
 from robopolicy.data.reader import dataset_spec, load_arrays, open_dataset, read_robopolicy_meta
 from robopolicy.errors import CheckpointError, RobopolicyError
 from robopolicy.seeds import EVAL_SEED
