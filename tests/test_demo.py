@@ -26,7 +26,7 @@ RESULTS: dict[str, dict[str, Any]] = {
                  "final_eval_success": 0.6, "env_steps_per_s": 38.5,
                  "artifacts": {"rl_curve.png": "run/learning_curve.png"}},
     "eval_rl": {**EVAL, "successes": 10, "success_rate": 1.0, "ci95": [0.72, 1.0]},
-    "export": {"parity_max_abs_diff": 1.5e-6, "parity_tolerance": 1e-4, "correction_parity_max_abs_diff": 7e-8,
+    "export": {"parity_max_abs_diff": 1.5e-6, "parity_max_rel_diff": 7.5e-7, "parity_rel_tolerance": 5e-5, "correction_parity_max_abs_diff": 7e-8,
                "model_bytes": 18_000_000,
                "latency_ms": {"torch_eager": {"p50": 97.0, "p99": 150.0}, "onnxruntime": {"p50": 35.2, "p99": 48.9}},
                "correction_latency_ms": {"torch_eager": {"p50": 0.1, "p99": 4.2},
@@ -191,6 +191,6 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((report / "summary.json").read_text())
     assert summary["missing"] == []
     assert [row["episodes"] for row in summary["success"].values()] == [5, 5, 5, 2]
-    assert summary["export"]["parity_max_abs_diff"] <= summary["export"]["parity_tolerance"]
+    assert summary["export"]["parity_max_rel_diff"] <= summary["export"]["parity_rel_tolerance"]
     assert summary["control_loop"]["obs_to_command_ms"]["p50"] > 0
     assert summary["finetuning"]["env_steps"] >= 1200

@@ -56,7 +56,8 @@ def summarize(cfg: DemoConfig, markers: dict[str, dict[str, Any]], seconds: floa
                         "final_loss": r["train"]["final_loss"]},
         "finetuning": {"env_steps": r["finetune"]["env_steps"], "seconds": stage_s["finetune"],
                        "env_steps_per_s": r["finetune"]["env_steps_per_s"]},
-        "export": {"parity_max_abs_diff": export["parity_max_abs_diff"], "parity_tolerance": export["parity_tolerance"],
+        "export": {"parity_max_abs_diff": export["parity_max_abs_diff"], "parity_max_rel_diff": export["parity_max_rel_diff"],
+                   "parity_rel_tolerance": export["parity_rel_tolerance"],
                    "correction_parity_max_abs_diff": export["correction_parity_max_abs_diff"]},
         "inference_latency_ms": {"torch_eager": _p(export["latency_ms"]["torch_eager"]),
                                  "onnxruntime": _p(export["latency_ms"]["onnxruntime"]),
@@ -97,9 +98,10 @@ def render(summary: dict[str, Any]) -> str:
         ("BC training (diffusion)", f"{bc['steps']} steps in {_duration(bc['seconds'])}"),
         ("residual RL fine-tuning", f"{ft['env_steps']} env steps in {_duration(ft['seconds'])} "
                                     f"({ft['env_steps_per_s']:.0f} env steps/s while training)"),
-        ("export parity, max abs diff vs torch", f"chunk {ex['parity_max_abs_diff']:.1e}, correction "
-                                                 f"{ex['correction_parity_max_abs_diff']:.1e} "
-                                                 f"(tolerance {ex['parity_tolerance']:.0e})"),
+        ("export parity, max abs diff vs torch", f"chunk {ex['parity_max_abs_diff']:.1e} "
+                                                 f"({ex['parity_max_rel_diff']:.1e} of the action range), correction "
+                                                 f"{ex['correction_parity_max_abs_diff']:.1e} (tolerance "
+                                                 f"{ex['parity_rel_tolerance']:.0e} of each dimension's range)"),
         ("chunk inference p50 / p99, torch eager", _ms(lat["torch_eager"])),
         ("chunk inference p50 / p99, ONNX Runtime", _ms(lat["onnxruntime"])),
         ("chunk inference p50 / p99, in the ROS 2 node", _ms(lat["ros_node"])),

@@ -114,7 +114,8 @@ def export_onnx(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     def latency(timings: dict[str, Any]) -> dict[str, dict[str, float]]:
         return {b: {"p50": timings[b]["p50_ms"], "p99": timings[b]["p99_ms"]} for b in ("torch_eager", "onnxruntime")}
 
-    return {"parity_max_abs_diff": parity["max_abs_diff"], "parity_tolerance": parity["tolerance"],
+    return {"parity_max_abs_diff": parity["max_abs_diff"], "parity_max_rel_diff": parity["max_rel_diff"],
+            "parity_rel_tolerance": parity["rel_tolerance"],
             "correction_parity_max_abs_diff": parity["correction"]["max_abs_diff"],
             "model_bytes": m["model"]["bytes"], "latency_ms": latency(perf),
             "correction_latency_ms": latency(perf["correction"])}
