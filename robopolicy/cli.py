@@ -135,14 +135,33 @@ def cmd_dataset_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dataset_import_bag(args: argparse.Namespace) -> int:
-    from robopolicy.data.bag_import import BagImportConfig, import_bags, parse_image_size
+def _add_robot_dataset_args(p: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """The options `record` and `dataset import-bag` share: the robot's parameter file and the dataset written."""
+    p.add_argument("--params", required=True,
+                   help="the robot's policy-node parameter file (real/config/*.yaml): topics and joint maps")
+    p.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
+    p.add_argument("--fps", type=_positive_int, default=10, help="dataset frame rate (default: %(default)s)")
+    p.add_argument("--task", default=None, help="task string (default: the parameter file's task, else "
+                                                 "'demonstration')")
+    p.add_argument("--image-size", default=None, metavar="N|HxW",
+                   help="resize camera images to this size (default: each camera's own size)")
+    p.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
 
-    r = import_bags(BagImportConfig(
-        bags=[Path(b) for b in args.bags], params=Path(args.params), out=Path(args.out), fps=args.fps,
-        task=args.task, image_size=parse_image_size(args.image_size) if args.image_size else None,
-        use_videos=not args.images, overwrite=args.overwrite,
-    ))
+
+def _robot_dataset_config(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields of :func:`_add_robot_dataset_args`' options."""
+    from robopolicy.data.bag_import import parse_image_size
+
+    return {"params": Path(args.params), "out": Path(args.out), "fps": args.fps, "task": args.task,
+            "image_size": parse_image_size(args.image_size) if args.image_size else None,
+            "use_videos": not args.images, "overwrite": args.overwrite}
+
+
+def cmd_dataset_import_bag(args: argparse.Namespace) -> int:
+    from robopolicy.data.bag_import import BagImportConfig, import_bags
+
+    r = import_bags(BagImportConfig(bags=[Path(b) for b in args.bags], **_robot_dataset_config(args)))
     print(f"imported {len(r.bags)} bag(s) as {len(r.bags)} episode(s), {r.frames} frames in {r.seconds:.1f} s; "
           f"{Path(args.out)} now holds {r.total_episodes} episodes, {r.total_frames} frames")
     return 0
@@ -161,31 +180,16 @@ def add_dataset(sub: argparse._SubParsersAction) -> None:
     plot.set_defaults(func=cmd_dataset_plot)
     bag = dsub.add_parser("import-bag", help="rosbag2 recordings (sqlite3 / MCAP) -> LeRobotDataset, one episode per bag")
     bag.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folder (or .mcap file)")
-    bag.add_argument("--params", required=True,
-                     help="the robot's policy-node parameter file (real/config/*.yaml): topics and joint maps")
-    bag.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
-    bag.add_argument("--fps", type=_positive_int, default=10, help="dataset frame rate (default: %(default)s)")
-    bag.add_argument("--task", default=None, help="task string (default: the parameter file's task, else "
-                                                   "'demonstration')")
-    bag.add_argument("--image-size", default=None, metavar="N|HxW",
-                     help="resize camera images to this size (default: each camera's own size)")
-    bag.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
-    bag.add_argument("--overwrite", action="store_true",
-                     help="replace an existing dataset at --out (once every bag imported)")
+    _add_robot_dataset_args(bag, "replace an existing dataset at --out (once every bag imported)")
     bag.set_defaults(func=cmd_dataset_import_bag)
 
 
 # ---- record ----------------------------------------------------------------------------
 def cmd_record(args: argparse.Namespace) -> int:
-    from robopolicy.data.bag_import import parse_image_size
     from robopolicy.real.record import RecordConfig, record
 
-    cfg = RecordConfig(
-        params=Path(args.params), out=Path(args.out), fps=args.fps, task=args.task,
-        image_size=parse_image_size(args.image_size) if args.image_size else None, use_videos=not args.images,
-        overwrite=args.overwrite, domain_id=args.domain_id, topic_timeout_s=args.topic_timeout,
-        episodes=args.episodes,
-    )
+    cfg = RecordConfig(**_robot_dataset_config(args), domain_id=args.domain_id, topic_timeout_s=args.topic_timeout,
+                       episodes=args.episodes)
     r = record(cfg)
     print(r.summary(cfg.out))
     return 130 if r.interrupted else 0
@@ -194,16 +198,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def add_record(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="record demonstrations on a robot over ROS 2 (observation topics + the "
                                       "commanded action) as a LeRobotDataset")
-    p.add_argument("--params", required=True,
-                   help="the robot's policy-node parameter file (real/config/*.yaml): topics and joint maps")
-    p.add_argument("--out", required=True, help="dataset folder (appended to if it exists)")
-    p.add_argument("--fps", type=_positive_int, default=10, help="dataset frame rate (default: %(default)s)")
-    p.add_argument("--task", default=None, help="task string (default: the parameter file's task, else "
-                                                 "'demonstration')")
-    p.add_argument("--image-size", default=None, metavar="N|HxW",
-                   help="resize camera images to this size (default: each camera's own size)")
-    p.add_argument("--images", action="store_true", help="store camera frames as PNG images, not MP4 video")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out (at the first save)")
+    _add_robot_dataset_args(p, "replace an existing dataset at --out (at the first save)")
     p.add_argument("--episodes", type=_positive_int, default=None,
                    help="stop after this many saved episodes (default: until q or Ctrl-C)")
     p.add_argument("--topic-timeout", type=float, default=10.0, metavar="SECONDS",
